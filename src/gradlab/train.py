@@ -1,0 +1,102 @@
+"""The training run behind train.py: build everything from the config, fit, test the best checkpoint, report."""
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gradlab.errors import UserError
+from gradlab.reporting import print_results
+
+
+def build_module(cfg: DictConfig) -> pl.LightningModule:
+    """The model config's ClassifierModule, with the optimizer and scheduler factories of their groups."""
+    scheduler, interval = None, "epoch"
+    if cfg.get("scheduler"):
+        sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
+        interval = sched_cfg.pop("interval", "epoch")
+        scheduler = instantiate(sched_cfg)
+    return instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler,
+                       scheduler_interval=interval, _convert_="object")
+
+
+def instantiate_group(group: Optional[DictConfig]) -> list[Any]:
+    """Instantiate every entry of a dict-of-objects group (callbacks, loggers) unless `enabled: false`."""
+    objects = []
+    for name, conf in (group or {}).items():
+        if conf is None or "_target_" not in conf:
+            continue
+        conf = OmegaConf.to_container(conf, resolve=True)
+        if not conf.pop("enabled", True):
+            continue
+        objects.append(instantiate(conf))
+    return objects
+
+
+def hydra_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def output_dir(cfg: DictConfig) -> str:
+    return cfg.paths.output_dir
+
+
+def run(cfg: DictConfig) -> Optional[float]:
+    start = time.time()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    module = build_module(cfg)
+    # The whole resolved config rides in every checkpoint, so eval/predict can rebuild the model.
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    metrics: dict[str, Any] = {}
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics.update(_scalars(trainer.callback_metrics))
+    best = _best_checkpoint(trainer)
+    if cfg.get("test", True):
+        if best is None and cfg.get("train", True) and not trainer.fast_dev_run:
+            print("No best checkpoint was saved; testing the weights at the end of training.")
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        metrics.update(_scalars(trainer.callback_metrics))
+
+    metrics.update({
+        "best_checkpoint": best,
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "wall_time_s": round(time.time() - start, 2),
+        "overrides": hydra_overrides(),
+        "status": "interrupted" if trainer.interrupted else "completed",
+    })
+    if trainer.is_global_zero:
+        _write_json(os.path.join(output_dir(cfg), "metrics.json"), metrics)
+        print_results(metrics, output_dir(cfg))
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> Optional[str]:
+    ckpt = trainer.checkpoint_callback
+    path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    return path if path and os.path.exists(path) else None
+
+
+def _write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # never leave a half-written metrics.json

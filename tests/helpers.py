@@ -1,0 +1,57 @@
+"""Writers for tiny data files in the real on-disk formats, and a way to run the real CLI."""
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file as in the MNIST distribution: magic (0, 0, 0x08 = ubyte, ndim), big-endian dims, data."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.tobytes())
+
+
+def fake_digits(n: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable 28x28 "digits": class k lights a 6x6 patch at a class-specific place, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28))
+    for i, k in enumerate(labels):
+        r, c = 3 + 7 * (k // 4 % 3), 3 + 6 * (k % 4)
+        images[i, r:r + 6, c:c + 6] = 255
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 240, n_test: int = 60) -> Path:
+    """root/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte, readable by torchvision."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def run_cli(script: str, *args: str, cwd: Path, timeout: int = 240, env: dict | None = None):
+    """Run one of the repo's entry points (train.py, eval.py, ...) as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def tiny_mnist_args(data_root: Path, out: Path) -> list[str]:
+    """Overrides for a fast real run on the tiny IDX data."""
+    return [f"paths.data_dir={data_root}", f"paths.root_dir={out}", "data.val_size=40",
+            "data.download=false", "data.batch_size=32", "callbacks.progress_bar.enabled=false",
+            "callbacks.model_summary.enabled=false"]
