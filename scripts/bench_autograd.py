@@ -1,0 +1,157 @@
+"""Manual backprop vs autograd: time and memory of one training step of the same MLP, same weights.
+
+    python scripts/bench_autograd.py                 # the README table (~1 min on one CPU core)
+    python scripts/bench_autograd.py --reps 31 --threads 2
+
+Each row builds ManualMLP twice from one seed, with backend=manual (gradlab.autograd Functions) and
+backend=autograd (nn.Linear, nn.Sigmoid, …, nn.CrossEntropyLoss), and times forward + backward +
+SGD step. The backends alternate round by round in the same process, and the table shows the median
+over rounds of the per-step time. Time is this process's CPU time, not wall time: on a shared machine
+the wall clock also counts the time other processes hold the core, CPU time counts only our own work.
+(With --threads 1 all work is on this thread; autograd runs CPU backward on the calling thread.)
+
+Memory, measured in a separate untimed step:
+  saved  the bytes the autograd graph keeps for backward (saved_tensors_hooks; a storage counted once,
+         parameters excluded because they exist anyway).
+  peak   the peak bytes of all live tensors during forward + backward + step, above the parameters and
+         the input batch: every tensor an aten op creates is counted from its creation until its
+         storage is freed (a TorchDispatchMode with weakref finalizers). Allocator caching and the
+         scratch space inside kernels are not included, so this is the model's own demand.
+"""
+
+import argparse
+import statistics
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from gradlab.models.mlp import ManualMLP, classification_loss
+
+BACKENDS = ("manual", "autograd")
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak of the bytes held by live tensor storages created inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.tracked.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            # In-place ops and views return storages that already exist: only new ones count.
+            if key in self.tracked or key in self.preexisting:
+                continue
+            self.tracked.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out
+
+
+def build(backend: str, sizes: list[int], activation: str, batch_norm: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    net = ManualMLP(sizes[0], sizes[1:-1], sizes[-1], activation, batch_norm=batch_norm, backend=backend)
+    return net, classification_loss(sizes[-1], backend), torch.optim.SGD(net.parameters(), lr=0.01)
+
+
+def train_step(net, criterion, optimizer, x, y):
+    optimizer.zero_grad(set_to_none=True)
+    criterion(net(x), y).backward()
+    optimizer.step()
+
+
+def saved_bytes(net, criterion, x, y) -> int:
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = criterion(net(x), y)
+    loss.backward()
+    return sum(storages.values())
+
+
+def peak_bytes(net, criterion, optimizer, x, y) -> int:
+    train_step(net, criterion, optimizer, x, y)  # creates optimizer state, if any, outside the count
+    mode = LiveTensorBytes()
+    mode.preexisting = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers(), x, y]}
+    with mode:
+        train_step(net, criterion, optimizer, x, y)
+    return mode.peak
+
+
+def time_steps(runs: dict, x, y, reps: int, steps: int) -> dict[str, float]:
+    per_step = {name: [] for name in runs}
+    for name, run in runs.items():  # warm-up: allocator, MKL/oneDNN code paths, grads in place
+        for _ in range(3):
+            train_step(*run, x, y)
+    for r in range(reps):
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]  # neither backend always goes first
+        for name in order:
+            start = time.process_time()
+            for _ in range(steps):
+                train_step(*runs[name], x, y)
+            per_step[name].append((time.process_time() - start) / steps)
+    return {name: statistics.median(v) for name, v in per_step.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=15, help="timing rounds per backend (median reported)")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per round")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    deep = [256] * 21 + [10]  # 20 hidden layers of 256, then 10 classes
+    cases = [  # (label, sizes, activation, batch_norm)
+        ("784-512-256-10 sigmoid", [784, 512, 256, 10], "sigmoid", False),
+        ("784-512-256-10 relu", [784, 512, 256, 10], "relu", False),
+        ("20x256 sigmoid", deep, "sigmoid", False),
+        ("20x256 relu", deep, "relu", False),
+        ("20x256 tanh", deep, "tanh", False),
+        ("20x256 leaky_relu", deep, "leaky_relu", False),
+        ("784-512-256-10 relu + BN", [784, 512, 256, 10], "relu", True),
+    ]
+    print(f"float32, CPU, batch {args.batch}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
+          f"time = median of {args.reps} rounds x {args.steps} steps of CPU time per step")
+    header = (f"{'network':<26} {'manual ms':>9} {'autograd ms':>11} {'ratio':>6}   "
+              f"{'saved MiB':>9} {'(autograd)':>10} {'ratio':>6}   {'peak MiB':>8} {'(autograd)':>10} {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    mib = 2 ** 20
+    for label, sizes, activation, batch_norm in cases:
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(args.batch, sizes[0], generator=gen)
+        y = torch.randint(0, sizes[-1], (args.batch,), generator=gen)
+        runs = {b: build(b, sizes, activation, batch_norm) for b in BACKENDS}
+        saved = {b: saved_bytes(*runs[b][:2], x, y) / mib for b in BACKENDS}
+        peak = {b: peak_bytes(*runs[b], x, y) / mib for b in BACKENDS}
+        ms = {b: t * 1e3 for b, t in time_steps(runs, x, y, args.reps, args.steps).items()}
+        print(f"{label:<26} {ms['manual']:>9.2f} {ms['autograd']:>11.2f} {ms['manual'] / ms['autograd']:>5.2f}x   "
+              f"{saved['manual']:>9.2f} {saved['autograd']:>10.2f} {saved['manual'] / saved['autograd']:>5.2f}x   "
+              f"{peak['manual']:>8.2f} {peak['autograd']:>10.2f} {peak['manual'] / peak['autograd']:>5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
