@@ -55,3 +55,42 @@ def tiny_mnist_args(data_root: Path, out: Path) -> list[str]:
     return [f"paths.data_dir={data_root}", f"paths.root_dir={out}", "data.val_size=40",
             "data.download=false", "data.batch_size=32", "callbacks.progress_bar.enabled=false",
             "callbacks.model_summary.enabled=false"]
+
+
+POSITIVE = ["great", "wonderful", "superb", "loved", "brilliant", "moving"]
+NEGATIVE = ["awful", "boring", "terrible", "hated", "dull", "waste"]
+NEUTRAL = ["the", "film", "plot", "actor", "scene", "movie", "was", "and", "story", "music", "a", "it"]
+
+
+def fake_review(rng: np.random.Generator, positive: bool) -> str:
+    """A review whose sentiment words give the label away: filler, punctuation, `<br />` markup as in aclImdb."""
+    cue = POSITIVE if positive else NEGATIVE
+    words = list(rng.choice(NEUTRAL, size=int(rng.integers(4, 30))))
+    for _ in range(int(rng.integers(1, 4))):
+        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(cue)))
+    cut = int(rng.integers(1, len(words)))
+    # Real reviews glue paragraphs with no space around the markup: "end.<br /><br />Next".
+    return " ".join(words[:cut]) + ".<br /><br />" + " ".join(words[cut:]) + "!"
+
+
+def write_aclimdb(root: Path, n_train: int = 40, n_test: int = 10, seed: int = 0,
+                  test_word: str | None = None, markers: bool = False) -> Path:
+    """root/aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt with n per label, as in aclImdb_v1.tar.gz.
+
+    `test_word` is appended to every test review (a word the vocabulary must never learn); `markers`
+    appends to each train review a word of its own, `marker<label><id>`, to trace where a review went.
+    """
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label in ("pos", "neg"):
+            folder = root / "aclImdb" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rating = int(rng.integers(7, 11)) if label == "pos" else int(rng.integers(1, 5))
+                text = fake_review(rng, label == "pos")
+                if split == "test" and test_word:
+                    text += f" {test_word}"
+                if split == "train" and markers:
+                    text += f" marker{label}{i}"
+                (folder / f"{i}_{rating}.txt").write_text(text, encoding="utf-8")
+    return root
