@@ -1,0 +1,175 @@
+"""The learning-rate lesson: one model trained with several learning rates, the loss curves in one picture.
+
+    python scripts/lr_demo.py                                    # SGD on 3-arm spirals, 5 rates, ~30 s on CPU
+    python scripts/lr_demo.py --lrs 0.003 0.03 0.3 3 --steps 600
+    python scripts/lr_demo.py --mnist ../shared/data/mnist-5k    # MNIST digits instead
+    python scripts/lr_demo.py --runs logs/train/multiruns/<time> # the train/loss curves of a Hydra sweep, made by
+        python train.py -m optimizer=sgd optimizer.lr=0.001,0.01,0.1,1 trainer.log_every_n_steps=1
+
+The built-in run trains gradlab's ManualMLP (2 hidden relu layers of 64, hand-written backward) with plain SGD,
+from the same initial weights and on the same batches for every rate. Too small a rate crawls, a good one drops
+fast, too large a one oscillates and then diverges: a curve ends in x where the loss went non-finite or above
+10x its starting value. The light lines are the raw per-step losses, the solid ones their moving average.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from gradlab.cli import fail  # noqa: E402
+from gradlab.errors import UserError  # noqa: E402
+from gradlab.events import read_scalars  # noqa: E402
+from gradlab.models.mlp import ManualMLP, classification_loss  # noqa: E402
+
+DIVERGED = 10.0  # a loss this many times the first one counts as diverged
+SMOOTH = 0.9  # weight of the past in the moving average drawn over each curve
+
+Curve = dict  # {"steps": [...], "loss": [...], "diverged_at": step or None}
+
+
+def load_data(mnist: str | None, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if mnist is None:
+        from gradlab.data.toy import spirals
+
+        x, y = spirals(n, num_classes=3, noise=0.2, gen=torch.Generator().manual_seed(seed))
+        return x, y, 3
+    from gradlab.data.mnist import MNISTDataModule
+
+    dm = MNISTDataModule(root=mnist, download=False, val_size=0.1)
+    dm.setup("fit")
+    x, y = dm.train_set.tensors
+    return x.flatten(1), y, 10
+
+
+def train_curve(lr: float, x: torch.Tensor, y: torch.Tensor, num_classes: int, args) -> Curve:
+    torch.manual_seed(args.seed)  # the same initial weights for every rate
+    model = ManualMLP(x.shape[1], [64, 64], num_classes, "relu")
+    loss_fn = classification_loss(num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(args.seed)  # the same batches for every rate
+    steps, losses = [], []
+    for step in range(args.steps):
+        idx = torch.randint(0, len(x), (args.batch_size,), generator=gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[idx]), y[idx])
+        value = loss.item()
+        if not math.isfinite(value) or (losses and value > DIVERGED * losses[0]):
+            return {"steps": steps, "loss": losses, "diverged_at": step}
+        steps.append(step)
+        losses.append(value)
+        loss.backward()
+        optimizer.step()
+    return {"steps": steps, "loss": losses, "diverged_at": None}
+
+
+def curves_from_runs(sweep: Path) -> dict[str, Curve]:
+    """train/loss of every job of a Hydra multirun, labelled by the overrides in which the jobs differ."""
+    jobs = sorted((p.parent.parent for p in sweep.rglob(".hydra/overrides.yaml")), key=lambda p: p.name)
+    if not jobs:
+        raise UserError(f"No Hydra jobs (<job>/.hydra/overrides.yaml) under {sweep}. Pass the folder of a sweep, "
+                        "e.g. logs/train/multiruns/<time>, made by python train.py -m optimizer.lr=0.01,0.1,1")
+    overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
+    shared = set.intersection(*(set(o) for o in overrides.values()))
+    curves = {}
+    for job in jobs:
+        label = " ".join(o for o in overrides[job] if o not in shared) or job.name
+        points = read_scalars(job, prefix="train/loss").get("train/loss", [])
+        if not points:
+            continue
+        steps, losses = [s for s, _ in points], [v for _, v in points]
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v) or v > DIVERGED * losses[0]), None)
+        curves[label] = {"steps": steps[:bad], "loss": losses[:bad],
+                         "diverged_at": None if bad is None else steps[bad]}
+    if not curves:
+        raise UserError(f"The jobs under {sweep} logged no train/loss to TensorBoard (logger=tensorboard).")
+    return curves
+
+
+def smooth(values: list[float]) -> np.ndarray:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else SMOOTH * avg + (1 - SMOOTH) * v
+        out.append(avg)
+    return np.array(out)
+
+
+def plot(curves: dict[str, Curve], out: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
+    for i, (label, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        if c["loss"]:
+            ax.plot(c["steps"], c["loss"], color=color, alpha=0.25, lw=0.8)
+            ax.plot(c["steps"], smooth(c["loss"]), color=color, lw=1.8, label=label)
+        if c["diverged_at"] is not None:
+            y = c["loss"][-1] if c["loss"] else 1.0
+            ax.plot([c["diverged_at"]], [y], marker="x", color=color, ms=10, mew=2.5,
+                    label=None if c["loss"] else label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=9)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def print_table(curves: dict[str, Curve]) -> None:
+    table = Table(title="Training loss by learning rate", header_style="bold")
+    for col in ("run", "first", "last (mean of last 10%)", "lowest", "diverged at step"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for label, c in curves.items():
+        loss = c["loss"]
+        tail = loss[-max(1, len(loss) // 10):]
+        cells = [f"{loss[0]:.3f}", f"{sum(tail) / len(tail):.3f}", f"{min(loss):.3f}"] if loss else ["-"] * 3
+        table.add_row(label, *cells, "-" if c["diverged_at"] is None else str(c["diverged_at"]))
+    Console(width=max(100, Console().width)).print(table)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Curve]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.03, 0.3, 3.0, 30.0],
+                        help="learning rates (default 0.003 0.03 0.3 3 30)")
+    parser.add_argument("--steps", type=int, default=400, help="SGD steps per rate (default 400)")
+    parser.add_argument("--batch-size", type=int, default=64, help="default 64")
+    parser.add_argument("--samples", type=int, default=4096, help="generated points (default 4096)")
+    parser.add_argument("--seed", type=int, default=0, help="weights, data and batch order (default 0)")
+    parser.add_argument("--mnist", default=None, help="a folder holding MNIST/raw/*-ubyte: use MNIST digits")
+    parser.add_argument("--runs", type=Path, default=None, help="plot a Hydra sweep's train/loss instead of training")
+    parser.add_argument("--out", type=Path, default=Path("lr_demo.png"), help="PNG to write (default lr_demo.png)")
+    args = parser.parse_args(argv)
+
+    if args.runs is not None:
+        curves = curves_from_runs(args.runs)
+        title = f"train/loss of the sweep {args.runs.name}"
+    else:
+        if args.steps < 1 or args.batch_size < 1 or any(lr <= 0 for lr in args.lrs):
+            raise UserError("--steps, --batch-size and every --lrs value must be positive.")
+        x, y, num_classes = load_data(args.mnist, args.samples, args.seed)
+        curves = {f"lr {lr:g}": train_curve(lr, x, y, num_classes, args) for lr in args.lrs}
+        data = "MNIST" if args.mnist else "3-arm spirals"
+        title = f"MLP 2x64 relu on {data}, plain SGD, batch {args.batch_size}; same weights and batches for all"
+    plot(curves, args.out, title)
+    print_table(curves)
+    print(f"wrote {args.out}")
+    return curves
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as err:
+        fail(str(err))
+    sys.exit(0)

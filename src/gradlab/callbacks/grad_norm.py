@@ -1,0 +1,259 @@
+"""Per-layer gradient norms, update ratios and gradient health checks, written to every logger.
+
+    python train.py callbacks.grad_norm.log_every_n_steps=1            # every optimizer step
+    python train.py callbacks.grad_norm.histogram_every_n_steps=100    # plus gradient histograms
+    python train.py callbacks.grad_norm.on_nonfinite=warn              # keep training after a NaN
+    python scripts/plot_grad_flow.py logs/train/runs/<run>             # the picture
+
+Tags (a contract, like train/loss):
+    grad_norm/<param>          L2 norm of the parameter's gradient (before clipping)
+    grad_norm/total            L2 norm of all gradients as one vector (before clipping)
+    grad_norm/total_after_clip the same after clipping (only when clipping is on)
+    param_norm/<param>         ‖w‖ before the optimizer step
+    update_ratio/<param>       ‖Δw‖/‖w‖ of the optimizer step: around 1e-3 is healthy, 1e-1 is too big a step
+    grad_hist/<param>          gradient histograms (TensorBoard only; off unless histogram_every_n_steps > 0)
+
+Where gradients are read: Lightning calls `on_before_optimizer_step` after the closure (backward, and with it
+the DDP all-reduce), after gradient accumulation and after the AMP scaler has unscaled them, but before
+clipping; so per-layer norms are the raw, final gradients. Clipping then works in place on `.grad` and
+optimizers leave `.grad` alone, so `on_train_batch_end` reads the clipped gradients and the new weights.
+
+Cost: all norms of a step come from `torch._foreach_norm` (one fused kernel per device and dtype), are stacked
+on the device, copied to the host once per logging step and written to TensorBoard as one event; Lightning's
+`grad_norm` utility syncs the device once per parameter instead. on_nonfinite=stop adds one fused norm and one
+host sync on the other steps. scripts/bench_grad_norms.py measures it all.
+"""
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from rich.console import Console
+from tensorboard.compat.proto.summary_pb2 import Summary
+
+from gradlab.callbacks.resume import ResumeCheckpoint
+from gradlab.errors import UserError
+
+NONFINITE, VANISHING, EXPLODING = "non-finite", "vanishing", "exploding"
+
+
+class GradNormMonitor(Callback):
+    """Logs gradient norms per parameter and warns when they vanish, explode or stop being finite.
+
+    log_every_n_steps: optimizer steps between logs; None follows `trainer.log_every_n_steps`.
+    update_ratio: also log `param_norm/*` and `update_ratio/*` (costs a copy of the weights on logging steps).
+    histogram_every_n_steps: gradient histograms every M optimizer steps; 0 switches them off.
+    vanishing_threshold, exploding_threshold, patience: warn when a parameter's gradient norm stays below /
+        above the threshold for `patience` logging steps in a row.
+    on_nonfinite: "warn" prints a warning on logging steps; "stop" checks every step, skips the optimizer
+        step whose gradients are NaN/inf (so the weights stay finite) and ends training cleanly.
+    strip_prefix: removed from parameter names in tags (`net.conv1.weight` -> `conv1.weight`).
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: Optional[int] = None,
+        update_ratio: bool = True,
+        histogram_every_n_steps: int = 0,
+        vanishing_threshold: float = 1e-6,
+        exploding_threshold: float = 1e3,
+        patience: int = 3,
+        on_nonfinite: str = "stop",
+        strip_prefix: str = "net.",
+    ):
+        if on_nonfinite not in ("warn", "stop"):
+            raise UserError(f"callbacks.grad_norm.on_nonfinite must be 'warn' or 'stop', not {on_nonfinite!r}.")
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise UserError(f"callbacks.grad_norm.log_every_n_steps must be >= 1 (or null), not {log_every_n_steps}.")
+        if patience < 1:
+            raise UserError(f"callbacks.grad_norm.patience must be >= 1, not {patience}.")
+        self.log_every_n_steps = log_every_n_steps
+        self.update_ratio = update_ratio
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.vanishing_threshold = vanishing_threshold
+        self.exploding_threshold = exploding_threshold
+        self.patience = patience
+        self.on_nonfinite = on_nonfinite
+        self.strip_prefix = strip_prefix
+        self.stopped_at: Optional[int] = None  # the step whose non-finite gradients stopped training
+        self._every = 1
+        self._clipping = False
+        self._amp_scaler = False
+        self._console = Console(stderr=True)
+        self._health: dict[str, tuple[str, int]] = {}  # tag -> (state, logging steps in that state)
+        self._pending: Optional[dict[str, Any]] = None  # what on_before_optimizer_step leaves for after the step
+        self._snapshot: list[torch.Tensor] = []  # weights before the step, reused between logging steps
+        self._named: Optional[list[tuple[str, torch.nn.Parameter]]] = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._named = None  # (tag, parameter) pairs, listed once: named_parameters() walks every module
+        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        # ClassifierModule has its own default clip value that applies when the trainer's is null.
+        hparams = getattr(pl_module, "hparams", {})
+        self._clipping = bool(trainer.gradient_clip_val or hparams.get("gradient_clip_val"))
+        # fp16 AMP: a GradScaler skips steps with inf gradients and lowers its scale; that is routine, not a fault.
+        self._amp_scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        step = trainer.global_step
+        log_now = trainer.is_global_zero and step % self._every == 0
+        hist_now = (trainer.is_global_zero and self.histogram_every_n_steps > 0
+                    and step % self.histogram_every_n_steps == 0)
+        guard = self.on_nonfinite == "stop" and not self._amp_scaler
+        if not (log_now or hist_now or guard):
+            return
+        if self._named is None:
+            self._named = [(self._tag(n), p) for n, p in pl_module.named_parameters()]
+        named = [(n, p) for n, p in self._named if p.grad is not None]
+        if not named:
+            return
+        if log_now or guard:
+            grads = [_dense(p.grad.detach()) for _, p in named]
+            norms = torch.stack(torch._foreach_norm(grads))  # (L,)
+            total = torch.linalg.vector_norm(norms)
+            if guard and not torch.isfinite(total):  # the one per-step host sync, only in "stop" mode
+                self._stop(trainer, pl_module, named, norms)
+                return
+        if hist_now:
+            self._histograms(trainer, named, step)
+        if not log_now:
+            return
+        pending = {"step": step, "names": [n for n, _ in named], "norms": norms, "total": total,
+                   "params": [p for _, p in named]}
+        if self.update_ratio:
+            weights = [p.detach() for _, p in named]
+            pending["param_norms"] = torch.stack(torch._foreach_norm(weights))
+            self._take_snapshot(weights)
+        self._pending = pending
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        # Runs after every micro-batch; only the one that stepped the optimizer left something pending.
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        names, params = pending["names"], pending["params"]
+        parts = [pending["norms"], pending["total"].reshape(1)]
+        if self._clipping:
+            clipped = [_dense(p.grad) if p.grad is not None else torch.zeros_like(p) for p in params]
+            parts.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(clipped))).reshape(1))
+        if self.update_ratio:
+            torch._foreach_sub_(self._snapshot, [p.detach() for p in params])  # w_before - w_after = -Δw
+            deltas = torch.stack(torch._foreach_norm(self._snapshot))
+            w = pending["param_norms"]
+            parts += [w, torch.where(w > 0, deltas / w, torch.nan)]  # a zero-initialized weight has no ratio yet
+        values = torch.cat([t.to(parts[0].dtype) for t in parts]).tolist()  # the one device-to-host copy
+
+        n = len(names)
+        metrics = {f"grad_norm/{name}": v for name, v in zip(names, values[:n])}
+        metrics["grad_norm/total"] = values[n]
+        i = n + 1
+        if self._clipping:
+            metrics["grad_norm/total_after_clip"] = values[i]
+            i += 1
+        if self.update_ratio:
+            metrics.update({f"param_norm/{name}": v for name, v in zip(names, values[i:i + n])})
+            metrics.update({f"update_ratio/{name}": v for name, v in zip(names, values[i + n:i + 2 * n])})
+        _log(trainer, metrics, pending["step"])
+        self._check_health(pending["step"], dict(zip(names, values[:n])))
+
+    def _tag(self, name: str) -> str:
+        return name[len(self.strip_prefix):] if self.strip_prefix and name.startswith(self.strip_prefix) else name
+
+    def _take_snapshot(self, params: list[torch.Tensor]) -> None:
+        same = len(self._snapshot) == len(params) and all(
+            s.shape == p.shape and s.dtype == p.dtype and s.device == p.device for s, p in zip(self._snapshot, params))
+        if same:
+            torch._foreach_copy_(self._snapshot, params)  # no new allocation on every logging step
+        else:
+            self._snapshot = [p.clone() for p in params]
+
+    def _histograms(self, trainer: pl.Trainer, named, step: int) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for name, p in named:
+                    logger.experiment.add_histogram(f"grad_hist/{name}", p.grad.detach().float().cpu(), step)
+
+    def _check_health(self, step: int, norms: dict[str, float]) -> None:
+        """Warn once when a parameter enters a bad state and has stayed in it long enough."""
+        events: dict[str, list[tuple[str, float]]] = {}
+        for name, value in norms.items():
+            state = (NONFINITE if not math.isfinite(value) else VANISHING if value < self.vanishing_threshold
+                     else EXPLODING if value > self.exploding_threshold else None)
+            prev, count = self._health.get(name, (None, 0))
+            count = count + 1 if state == prev else 1
+            self._health[name] = (state, count)
+            # Under a GradScaler a single inf step is routine; only a run of them is a fault.
+            needed = 1 if state == NONFINITE and not self._amp_scaler else self.patience
+            if state is not None and count == needed:
+                events.setdefault(state, []).append((name, value))
+        for state, layers in events.items():
+            self._warn(state, step, layers)
+
+    def _warn(self, state: str, step: int, layers: list[tuple[str, float]]) -> None:
+        shown = ", ".join(f"{name} = {value:.3g}" for name, value in layers[:6])
+        more = f" and {len(layers) - 6} more" if len(layers) > 6 else ""
+        if state == NONFINITE:
+            advice = ("Training goes on (callbacks.grad_norm.on_nonfinite=warn) and the weights are now NaN; "
+                      "use on_nonfinite=stop to keep the last good weights, and lower the learning rate or clip "
+                      "(trainer.gradient_clip_val=1.0).")
+        elif state == VANISHING:
+            advice = (f"below {self.vanishing_threshold:g} for {self.patience} logging steps: these layers barely "
+                      "learn. Saturating activations (sigmoid, tanh), depth without normalization or a poor init "
+                      "are the usual causes.")
+        else:
+            advice = (f"above {self.exploding_threshold:g} for {self.patience} logging steps: lower the learning "
+                      "rate or clip gradients (trainer.gradient_clip_val=1.0).")
+        self._console.print(f"[bold yellow]gradient warning[/]: {state} gradient at step {step}: {shown}{more}. "
+                            f"{advice}", highlight=False)
+
+    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, named, norms: torch.Tensor) -> None:
+        # Optimizers skip parameters without a gradient: this step changes no weight and no optimizer state.
+        for _, p in named:
+            p.grad = None
+        if self.stopped_at is not None:
+            return  # already stopping (Lightning may still finish this step's bookkeeping)
+        step = self.stopped_at = trainer.global_step
+        trainer.should_stop = True
+        # A diverged run must end now, not after `min_epochs`/`min_steps` of skipped steps.
+        trainer.fit_loop.min_epochs = 0
+        trainer.fit_loop.epoch_loop.min_steps = 0
+        # Weights that just produced NaN gradients are finite but already diverged (the NaN usually comes from
+        # a forward pass through huge weights), so nothing may overwrite the checkpoints on disk from here on.
+        kept = []
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                cb.save_top_k, cb.save_last = 0, False
+                kept += [path for path in (cb.last_model_path, cb.best_model_path) if path and path not in kept]
+            elif isinstance(cb, ResumeCheckpoint):
+                cb.every_n_train_steps = cb.every_s = None  # its periodic last.ckpt would be the diverged state
+        if not trainer.is_global_zero:
+            return
+        bad = [(n, v) for (n, _), v in zip(named, norms.tolist()) if not math.isfinite(v)] or [("total", math.inf)]
+        shown = ", ".join(f"{name} = {value:.3g}" for name, value in bad[:6])
+        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        saved = (f"the last good checkpoints are kept: {', '.join(kept)}." if kept
+                 else "no checkpoint had been written yet.")
+        self._console.print(
+            f"[bold red]gradient error[/]: non-finite gradient at step {step}: {shown}{more}. Training stops "
+            f"(callbacks.grad_norm.on_nonfinite=stop): the update was skipped, no checkpoint is written from here "
+            f"on, and {saved} Lower the learning rate or clip gradients (trainer.gradient_clip_val=1.0).",
+            highlight=False)
+
+
+def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            # One event holding every value: add_scalar per tag costs a queue hand-off to the writer thread
+            # each, which was most of this callback's time.
+            summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()])
+            logger.experiment._get_file_writer().add_summary(summary, step)
+        else:
+            logger.log_metrics(metrics, step=step)
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    # Sparse gradients (nn.Embedding(sparse=True)) have no foreach kernel; their stored values carry the norm.
+    return grad.coalesce().values() if grad.is_sparse else grad

@@ -1,0 +1,92 @@
+"""The lesson scripts run tiny, in-process: their numbers checked against torch autograd, their pictures read back."""
+
+import importlib.util
+import math
+
+import matplotlib.image
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from gradlab.errors import UserError
+from helpers import ROOT
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, so its main(argv) runs in-process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_png(path, min_h=200, min_w=400):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] >= min_h and image.shape[1] >= min_w
+    assert image[..., :3].std() > 0.05  # something was drawn
+
+
+def test_vanishing_gradients_shows_the_lesson_with_autograd_checked_norms(tmp_path):
+    script = load_script("vanishing_gradients")
+    out = tmp_path / "vanishing.png"
+    results = script.main(["--depth", "6", "--width", "16", "--steps", "3", "--samples", "256", "--batch-size", "64",
+                           "--out", str(out)])
+    assert list(results) == ["sigmoid", "tanh", "relu", "relu + batch norm"]
+    assert_png(out)
+
+    # The hand-written backward's init norms, recomputed by torch autograd on the same weights and batch.
+    x, y, classes = script.load_data(None, 256, 0)
+    for variant in ("sigmoid", "relu + batch norm"):
+        net = script.build(variant, 2, classes, 6, 16, "autograd", 0)
+        torch.nn.functional.cross_entropy(net(x[:64]), y[:64]).backward()
+        norms = [p.grad.norm().item() for p in net.parameters() if p.ndim == 2]
+        assert results[variant]["init"] == pytest.approx(norms, rel=1e-4)
+        assert len(norms) == 7  # 6 hidden layers + the output layer
+
+    def first_over_last(variant):
+        return results[variant]["init"][0] / results[variant]["init"][-1]
+
+    # Sigmoid's σ' <= 1/4 per layer: its first layer gets orders of magnitude less than its last.
+    assert first_over_last("sigmoid") < 1e-2
+    assert first_over_last("sigmoid") < first_over_last("relu + batch norm") / 100
+    assert first_over_last("sigmoid") < first_over_last("tanh") / 100
+
+
+def test_lr_demo_small_crawls_good_drops_huge_diverges(tmp_path):
+    script = load_script("lr_demo")
+    out = tmp_path / "lr.png"
+    curves = script.main(["--lrs", "0.0001", "0.3", "1000", "--steps", "40", "--samples", "512", "--out", str(out)])
+    assert list(curves) == ["lr 0.0001", "lr 0.3", "lr 1000"]
+    tiny, good, huge = curves.values()
+    assert tiny["loss"][0] == good["loss"][0] == huge["loss"][0]  # the same weights and first batch for all
+    assert tiny["diverged_at"] is None and good["diverged_at"] is None and huge["diverged_at"] is not None
+    assert len(tiny["loss"]) == 40 and len(huge["loss"]) == huge["diverged_at"] < 40
+    assert abs(tiny["loss"][-1] - tiny["loss"][0]) < 0.05 * tiny["loss"][0]  # barely moved
+    assert sum(good["loss"][-10:]) < 0.8 * sum(tiny["loss"][-10:])
+    assert_png(out)
+
+
+def test_lr_demo_plots_a_hydra_sweep_from_its_event_files(tmp_path):
+    written = {"0": [1.1, 0.9, 0.7, 0.5], "1": [1.1, 2.0, 30.0, math.nan]}
+    for job, losses in written.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        lr = "0.1" if job == "0" else "5"
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(
+            f"- optimizer=sgd\n- optimizer.lr={lr}\n- trainer.max_epochs=1\n")
+        with SummaryWriter(str(tmp_path / job / "tensorboard")) as writer:
+            for step, value in enumerate(losses):
+                writer.add_scalar("train/loss", value, step)
+    out = tmp_path / "sweep.png"
+    curves = load_script("lr_demo").main(["--runs", str(tmp_path), "--out", str(out)])
+    assert list(curves) == ["optimizer.lr=0.1", "optimizer.lr=5"]  # only what differs between the jobs
+    assert curves["optimizer.lr=0.1"]["loss"] == pytest.approx(written["0"])
+    assert curves["optimizer.lr=0.1"]["diverged_at"] is None
+    assert curves["optimizer.lr=5"]["loss"] == pytest.approx([1.1, 2.0])
+    assert curves["optimizer.lr=5"]["diverged_at"] == 2  # 30.0 > 10 x 1.1
+    assert_png(out)
+
+
+def test_lr_demo_runs_without_a_sweep_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="No Hydra jobs"):
+        load_script("lr_demo").main(["--runs", str(tmp_path), "--out", str(tmp_path / "x.png")])
