@@ -12,7 +12,7 @@ checkpoints and metrics.json into its own folder under logs/.
 import hydra
 from omegaconf import DictConfig
 
-from gradlab.cli import run_entry
+from gradlab.cli import check_overrides, run_entry
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -22,4 +22,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_overrides(__file__, "train")  # a mistyped key or option: one line with a suggestion
     main()

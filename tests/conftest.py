@@ -1,9 +1,44 @@
+import os
+
 import pytest
+import torch
 
 from helpers import write_mnist
+
+# One intra-op thread for test runs: on a shared 2-core machine a second torch thread mostly spins waiting for a
+# busy core, which makes small models ~5x slower. Bit-exact comparisons need the same count on both sides.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+# The whole suite, and the train.py processes it starts (they inherit the variable), runs on one thread.
+os.environ.update(ONE_THREAD)
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory):
     """A tiny MNIST in the real IDX format: 240 train / 60 test images."""
     return write_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(scope="session")
+def cnn_run(mnist_root, tmp_path_factory):
+    """One real 2-epoch CNN run on the tiny MNIST (7 steps an epoch, best checkpoint by val/loss), shared by
+    the resume, eval/predict and bad-input tests: (run dir, metrics.json as a dict, the command's overrides)."""
+    import json
+
+    from helpers import run_cli, tiny_mnist_args
+
+    out = tmp_path_factory.mktemp("cnn_run")
+    args = [*tiny_mnist_args(mnist_root, out), "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+            "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"]
+    proc = run_cli("train.py", *args, cwd=out, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (out / "logs" / "train" / "runs").iterdir()
+    return run_dir, json.loads((run_dir / "metrics.json").read_text()), args

@@ -1,9 +1,12 @@
 """What every entry point shares: user errors become one paragraph and exit code 2."""
 
+import difflib
 import importlib
+import os
 import sys
+from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gradlab.errors import EXIT_USER_ERROR, UserError
 
@@ -14,8 +17,93 @@ def fail(message: str) -> None:
 
 
 def run_entry(module: str, cfg: DictConfig):
-    """Import `module` (heavy: Lightning, torch) and call its `run(cfg)`, turning UserError into a clean exit."""
+    """Check `cfg`, then import `module` (heavy: Lightning, torch) and call its `run(cfg)`.
+
+    UserError anywhere becomes a clean exit.
+    """
+    from gradlab import config, runs
+
     try:
-        return importlib.import_module(module).run(cfg)
+        config.check(cfg)  # before the heavy imports: a bad value costs a second
+        runs.resolve_checkpoint(cfg)
+        entry = importlib.import_module(module)
+        config.check_after_import(cfg)
+        return entry.run(cfg)
     except UserError as err:
+        if _in_multirun():
+            # One job's bad value must not cost a sweep its other jobs: Hydra records this one as failed
+            # (conf/hydra/default.yaml leaves its metrics.json), runs the rest and re-raises at the end.
+            print(f"error: {err}", file=sys.stderr)
+            raise
         fail(str(err))
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_overrides(script: str, config_name: str, args: Optional[list[str]] = None) -> None:
+    """Compose the config once before Hydra does, so that a mistyped key or group option fails with one line
+    and a suggestion instead of Hydra's report. Runs with flags (`-m`, `--cfg`, ...) are left to Hydra."""
+    args = sys.argv[1:] if args is None else args
+    if not args or any(a.startswith("-") for a in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+
+    conf = os.path.join(os.path.dirname(os.path.abspath(script)), "conf")
+    remaining, problems, mistyped, composed = list(args), [], [], None
+    for _ in range(len(args) + 1):  # drop each bad override in turn, to report all of them at once
+        try:
+            with initialize_config_dir(config_dir=conf, version_base="1.3"):
+                composed = compose(config_name, overrides=remaining)
+            break
+        except MissingConfigException as err:
+            group, _, option = (err.missing_cfg_file or "").rpartition("/")
+            problems.append(f"{group}={option}: no such option in conf/{group}/; "
+                            f"choose one of {', '.join(err.options or [])}.")
+            index = _find(remaining, group)
+        except ConfigCompositionException as err:
+            text = str(err)
+            key = text.split("'")[1] if text.startswith("Could not override '") else None
+            index = _find(remaining, key) if key else None
+            if index is None:
+                problems.append(" ".join(text.split()))
+            else:
+                mistyped.append(key)  # explained below, once the rest composes
+        except HydraException as err:  # e.g. an override that does not parse
+            problems.append(f"{' '.join(remaining)}: {str(err).splitlines()[0]}")
+            index = None
+        if index is None:
+            break
+        remaining.pop(index)
+    keys = _all_keys(composed) if composed is not None else []
+    for key in mistyped:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "`--cfg job` lists the keys there are."
+        problems.append(f"{key} is not a config key; {hint} (To add a new key on purpose: +{key}=...)")
+    if problems:
+        fail(problems[0] if len(problems) == 1 else "bad overrides:\n  " + "\n  ".join(problems))
+
+
+def _find(overrides: list[str], key: str) -> Optional[int]:
+    for i, override in enumerate(overrides):
+        if override.split("=", 1)[0].lstrip("+~") == key:
+            return i
+    return None
+
+
+def _all_keys(cfg: DictConfig) -> list[str]:
+    out = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            out.append(prefix + str(key))
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return out

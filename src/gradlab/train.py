@@ -11,7 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gradlab.ddp import ddp_children_join_this_job
 from gradlab.errors import UserError
+from gradlab.hparams import log_hparams
 from gradlab.reporting import print_results
 
 
@@ -48,6 +50,11 @@ def output_dir(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> Optional[float]:
+    with ddp_children_join_this_job(output_dir(cfg)):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> Optional[float]:
     start = time.time()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
@@ -77,6 +84,7 @@ def run(cfg: DictConfig) -> Optional[float]:
         "overrides": hydra_overrides(),
         "status": "interrupted" if trainer.interrupted else "completed",
     })
+    log_hparams(trainer, cfg, metrics)
     if trainer.is_global_zero:
         _write_json(os.path.join(output_dir(cfg), "metrics.json"), metrics)
         print_results(metrics, output_dir(cfg))

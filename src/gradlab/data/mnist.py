@@ -8,6 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
+from gradlab.data.idx import check_pair
+from gradlab.data.resumable import ordered_loader, shuffled_loader
 from gradlab.data.tensor_loader import TensorBatches, identity_collate
 from gradlab.errors import UserError
 
@@ -61,6 +63,7 @@ class MNISTDataModule(pl.LightningDataModule):
         cls = DATASETS[self.hparams.dataset][0]
         root, name = self.hparams.root, self.hparams.dataset
         for train in (True, False):
+            self._check_files(train)
             try:
                 cls(root, train=train, download=self.hparams.download)
             except RuntimeError as err:
@@ -71,12 +74,25 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         cls, mean, std = DATASETS[self.hparams.dataset]
+        self._check_files(train)
         try:
             ds = cls(self.hparams.root, train=train, download=False)
         except RuntimeError as err:
             raise UserError(missing_data_message(self.hparams.root, self.hparams.dataset, str(err))) from None
         images = ds.data.unsqueeze(1).float().div_(255).sub_(mean).div_(std)  # (N, 1, 28, 28)
         return images, ds.targets.long()
+
+    def _check_files(self, train: bool) -> None:
+        # Missing files get missing_data_message (via torchvision); present but damaged ones get their own.
+        names = expected_files(self.hparams.dataset)
+        images, labels = (os.path.join(raw_folder(self.hparams.root, self.hparams.dataset), f)
+                          for f in (names[:2] if train else names[2:]))
+        if os.path.exists(images) and os.path.exists(labels):
+            try:
+                check_pair(images, labels, self.hparams.num_classes)
+            except UserError as err:
+                raise UserError(f"{err} Fix: replace the file (delete it and run with data.download=true to fetch "
+                                "it again, or copy it anew).") from None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
@@ -98,9 +114,11 @@ class MNISTDataModule(pl.LightningDataModule):
         return count
 
     def _loader(self, dataset: TensorBatches, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, pin_memory=self.hparams.pin_memory,
-                          collate_fn=identity_collate, persistent_workers=self.hparams.num_workers > 0)
+        # The training order is resumable mid-epoch (see gradlab.data.resumable).
+        make = shuffled_loader if shuffle else ordered_loader
+        return make(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                    pin_memory=self.hparams.pin_memory, collate_fn=identity_collate,
+                    persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -1,0 +1,22 @@
+"""Test a checkpoint: python eval.py ckpt_path=<file.ckpt | run folder | last> [split=val] [data_dir=...]
+
+    python eval.py ckpt_path=logs/train/runs/2024-05-01_12-00-00     # that run's best checkpoint
+    python eval.py ckpt_path=last split=val
+
+Writes metrics.json (test/loss, test/acc, ...) into logs/eval/runs/<time>/. See conf/eval.yaml.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from gradlab.cli import check_overrides, run_entry
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_entry("gradlab.evaluate", cfg)
+
+
+if __name__ == "__main__":
+    check_overrides(__file__, "eval")
+    main()
