@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 
 from gradlab.cli import run_entry
 from gradlab.errors import EXIT_USER_ERROR
-from helpers import ROOT, fake_digits, tiny_mnist_args, write_idx, write_mnist
+from conftest import ONE_THREAD
+from helpers import ROOT, fake_digits, run_cli, tiny_mnist_args, write_idx, write_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -232,3 +233,12 @@ def test_damaged_aclimdb_tree(tmp_path, capsys, damage, expected):
     err = fails("gradlab.train", config("train", args, tmp_path / "out"), capsys)
     assert expected in err
     assert not list((tmp_path / "out").rglob("*.ckpt"))
+
+
+def test_user_error_raised_inside_a_constructor_is_one_message(tmp_path):
+    """Hydra's instantiate wraps a data module's own UserError; the user still gets just that message."""
+    proc = run_cli("train.py", "data=toy", "data.task=moons", "model=mlp", "trainer=debug",
+                   f"paths.root_dir={tmp_path}", cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 2
+    assert "data.input_dim=2" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Error in call to target" not in proc.stderr

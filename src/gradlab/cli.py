@@ -24,11 +24,15 @@ def run_entry(module: str, cfg: DictConfig):
     from gradlab import config, runs
 
     try:
-        config.check(cfg)  # before the heavy imports: a bad value costs a second
-        runs.resolve_checkpoint(cfg)
-        entry = importlib.import_module(module)
-        config.check_after_import(cfg)
-        return entry.run(cfg)
+        try:
+            config.check(cfg)  # before the heavy imports: a bad value costs a second
+            runs.resolve_checkpoint(cfg)
+            entry = importlib.import_module(module)
+            config.check_after_import(cfg)
+            return entry.run(cfg)
+        except Exception as err:
+            # Hydra's instantiate wraps a constructor's UserError (e.g. data=toy with a wrong input_dim).
+            raise _user_error_in(err) or err
     except UserError as err:
         if _in_multirun():
             # One job's bad value must not cost a sweep its other jobs: Hydra records this one as failed
@@ -36,6 +40,17 @@ def run_entry(module: str, cfg: DictConfig):
             print(f"error: {err}", file=sys.stderr)
             raise
         fail(str(err))
+
+
+def _user_error_in(err: BaseException) -> Optional[UserError]:
+    """The UserError that caused `err`, if any (following `raise ... from` chains)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _in_multirun() -> bool:
