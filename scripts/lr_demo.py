@@ -28,6 +28,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from gradlab.cli import fail  # noqa: E402
+from gradlab.data.toy import lesson_data  # noqa: E402
 from gradlab.errors import UserError  # noqa: E402
 from gradlab.events import read_scalars  # noqa: E402
 from gradlab.models.mlp import ManualMLP, classification_loss  # noqa: E402
@@ -38,18 +39,6 @@ SMOOTH = 0.9  # weight of the past in the moving average drawn over each curve
 Curve = dict  # {"steps": [...], "loss": [...], "diverged_at": step or None}
 
 
-def load_data(mnist: str | None, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    if mnist is None:
-        from gradlab.data.toy import spirals
-
-        x, y = spirals(n, num_classes=3, noise=0.2, gen=torch.Generator().manual_seed(seed))
-        return x, y, 3
-    from gradlab.data.mnist import MNISTDataModule
-
-    dm = MNISTDataModule(root=mnist, download=False, val_size=0.1)
-    dm.setup("fit")
-    x, y = dm.train_set.tensors
-    return x.flatten(1), y, 10
 
 
 def train_curve(lr: float, x: torch.Tensor, y: torch.Tensor, num_classes: int, args) -> Curve:
@@ -157,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Curve]:
     else:
         if args.steps < 1 or args.batch_size < 1 or any(lr <= 0 for lr in args.lrs):
             raise UserError("--steps, --batch-size and every --lrs value must be positive.")
-        x, y, num_classes = load_data(args.mnist, args.samples, args.seed)
+        x, y, num_classes = lesson_data(args.mnist, args.samples, args.seed)
         curves = {f"lr {lr:g}": train_curve(lr, x, y, num_classes, args) for lr in args.lrs}
         data = "MNIST" if args.mnist else "3-arm spirals"
         title = f"MLP 2x64 relu on {data}, plain SGD, batch {args.batch_size}; same weights and batches for all"

@@ -27,7 +27,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from gradlab.cli import fail  # noqa: E402
-from gradlab.data.toy import spirals  # noqa: E402
+from gradlab.data.toy import lesson_data  # noqa: E402
 from gradlab.errors import UserError  # noqa: E402
 from gradlab.models.mlp import ManualMLP, classification_loss  # noqa: E402
 
@@ -39,17 +39,6 @@ VARIANTS = {  # name: (activation, batch norm)
 }
 
 
-def load_data(mnist: str | None, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(x (N, D), y (N,), number of classes): generated spirals, or the MNIST training images."""
-    if mnist is None:
-        x, y = spirals(n, num_classes=3, noise=0.2, gen=torch.Generator().manual_seed(seed))
-        return x, y, 3
-    from gradlab.data.mnist import MNISTDataModule
-
-    dm = MNISTDataModule(root=mnist, download=False, val_size=0.1)
-    dm.setup("fit")
-    x, y = dm.train_set.tensors
-    return x.flatten(1), y, 10
 
 
 def build(variant: str, in_features: int, num_classes: int, depth: int, width: int, backend: str,
@@ -130,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if args.depth < 1 or args.width < 1 or args.steps < 0 or args.batch_size < 2:
         raise UserError("--depth, --width and --batch-size (>= 2, for batch norm) must be positive, --steps >= 0.")
 
-    x, y, num_classes = load_data(args.mnist, args.samples, args.seed)
+    x, y, num_classes = lesson_data(args.mnist, args.samples, args.seed)
     results = {variant: run_variant(variant, x, y, num_classes, args) for variant in VARIANTS}
     data = "MNIST" if args.mnist else "3-arm spirals"
     plot(results, args.steps, args.out,

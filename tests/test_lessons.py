@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from gradlab.data.toy import lesson_data
 from gradlab.errors import UserError
 from helpers import ROOT
 
@@ -36,7 +37,7 @@ def test_vanishing_gradients_shows_the_lesson_with_autograd_checked_norms(tmp_pa
     assert_png(out)
 
     # The hand-written backward's init norms, recomputed by torch autograd on the same weights and batch.
-    x, y, classes = script.load_data(None, 256, 0)
+    x, y, classes = lesson_data(None, 256, 0)
     for variant in ("sigmoid", "relu + batch norm"):
         net = script.build(variant, 2, classes, 6, 16, "autograd", 0)
         torch.nn.functional.cross_entropy(net(x[:64]), y[:64]).backward()

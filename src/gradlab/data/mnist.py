@@ -3,14 +3,11 @@
 import os
 from typing import Optional
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 from torchvision import datasets
 
 from gradlab.data.idx import check_pair
-from gradlab.data.resumable import ordered_loader, shuffled_loader
-from gradlab.data.tensor_loader import TensorBatches, identity_collate
+from gradlab.data.tensor_loader import InMemoryDataModule, TensorBatches
 from gradlab.errors import UserError
 
 # name -> (torchvision class, mean, std of the training pixels in [0, 1])
@@ -40,7 +37,7 @@ def missing_data_message(root: str, name: str, reason: str) -> str:
     )
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(InMemoryDataModule):
     """The MNIST family with a seeded train/val split of the official training set.
 
     Images are decoded from IDX once and kept as one normalized float tensor (N, 1, 28, 28): no per-sample
@@ -55,9 +52,6 @@ class MNISTDataModule(pl.LightningDataModule):
         if dataset not in DATASETS:
             raise UserError(f"data.dataset={dataset!r} is not known; choose one of {sorted(DATASETS)}.")
         self.save_hyperparameters(logger=False)
-        self.train_set: Optional[TensorBatches] = None
-        self.val_set: Optional[TensorBatches] = None
-        self.test_set: Optional[TensorBatches] = None
 
     def prepare_data(self) -> None:
         cls = DATASETS[self.hparams.dataset][0]
@@ -112,22 +106,3 @@ class MNISTDataModule(pl.LightningDataModule):
             raise UserError(f"data.val_size={size} leaves no training or no validation data "
                             f"from {n} training images; use a count in 1..{n - 1} or a fraction in (0, 1).")
         return count
-
-    def _loader(self, dataset: TensorBatches, shuffle: bool) -> DataLoader:
-        # The training order is resumable mid-epoch (see gradlab.data.resumable).
-        make = shuffled_loader if shuffle else ordered_loader
-        return make(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                    pin_memory=self.hparams.pin_memory, collate_fn=identity_collate,
-                    persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()

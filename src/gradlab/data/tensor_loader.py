@@ -1,7 +1,10 @@
 """In-memory datasets that hand a DataLoader whole batches by fancy indexing, not sample by sample."""
 
+from typing import Optional
+
+import lightning.pytorch as pl
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 
 class TensorBatches(Dataset):
@@ -29,3 +32,34 @@ class TensorBatches(Dataset):
 def identity_collate(batch):
     """The batch from `__getitems__` is already stacked."""
     return batch
+
+
+class InMemoryDataModule(pl.LightningDataModule):
+    """The loaders of a data module whose splits are `TensorBatches` (`train_set`, `val_set`, `test_set`).
+
+    Training shuffles resumably (`gradlab.data.resumable`); val and test keep their order.
+    """
+
+    train_set: Optional[TensorBatches] = None
+    val_set: Optional[TensorBatches] = None
+    test_set: Optional[TensorBatches] = None
+
+    def _loader(self, dataset: TensorBatches, shuffle: bool) -> DataLoader:
+        from gradlab.data.resumable import ordered_loader, shuffled_loader
+
+        make = shuffled_loader if shuffle else ordered_loader
+        return make(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                    pin_memory=self.hparams.pin_memory, collate_fn=identity_collate,
+                    persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -8,11 +8,9 @@
 import math
 from typing import Optional
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
-from gradlab.data.tensor_loader import TensorBatches, identity_collate
+from gradlab.data.tensor_loader import InMemoryDataModule, TensorBatches
 from gradlab.errors import UserError
 
 TASKS = ("xor", "moons", "spirals")
@@ -46,7 +44,7 @@ def spirals(n: int, num_classes: int, noise: float, gen: torch.Generator) -> tup
     return torch.stack([radius * torch.sin(angle), radius * torch.cos(angle)], 1), y
 
 
-class ToyDataModule(pl.LightningDataModule):
+class ToyDataModule(InMemoryDataModule):
     """`n_train + n_val + n_test` points drawn once from `seed`, then split in that order.
 
     Batches are `(x (B, input_dim) float, y (B,))`; y is long, or float 0/1 when `num_classes == 1`
@@ -71,9 +69,6 @@ class ToyDataModule(pl.LightningDataModule):
             raise UserError(f"data.input_dim, data.n_train, data.n_val and data.n_test must be positive and "
                             f"data.noise >= 0; got {input_dim}, {n_train}, {n_val}, {n_test}, {noise}.")
         self.save_hyperparameters(logger=False)
-        self.train_set: Optional[TensorBatches] = None
-        self.val_set: Optional[TensorBatches] = None
-        self.test_set: Optional[TensorBatches] = None
 
     def generate(self) -> tuple[torch.Tensor, torch.Tensor]:
         hp = self.hparams
@@ -95,19 +90,18 @@ class ToyDataModule(pl.LightningDataModule):
         self.train_set, self.val_set, self.test_set = (TensorBatches(x[s], y[s]) for s in
                                                        (slice(0, a), slice(a, b), slice(b, None)))
 
-    def _loader(self, dataset: TensorBatches, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers, pin_memory=self.hparams.pin_memory,
-                          collate_fn=identity_collate, persistent_workers=self.hparams.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+def lesson_data(mnist: Optional[str], n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Data for the lesson scripts: (x (N, D), y (N,), number of classes).
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+    3-arm spirals generated from `seed`, or, given a folder holding MNIST/raw/, its training images flattened.
+    """
+    if mnist is None:
+        x, y = spirals(n, num_classes=3, noise=0.2, gen=torch.Generator().manual_seed(seed))
+        return x, y, 3
+    from gradlab.data.mnist import MNISTDataModule
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+    dm = MNISTDataModule(root=mnist, download=False, val_size=0.1)
+    dm.setup("fit")
+    x, y = dm.train_set.tensors
+    return x.flatten(1), y, 10
