@@ -100,10 +100,12 @@ def test_cache_is_reused_and_rebuilt_when_settings_change(imdb_root, tmp_path, m
     first = fit_module(imdb_root, cache_dir=str(tmp_path))
     assert len(calls) == 2  # train, then test (prepare_data caches both)
 
-    again = fit_module(imdb_root, cache_dir=str(tmp_path), max_len=5)  # max_len is applied at load time
+    # Truncation is applied at load time: the same cache serves every max_len.
+    again = fit_module(imdb_root, cache_dir=str(tmp_path), max_len=5, eval_max_len=7)
     assert len(calls) == 2
     assert torch.equal(again.train_set.ids, first.train_set.ids)
-    assert int(again.train_set.lengths.max()) == 5
+    assert int(again.train_set.lengths.max()) == 5 and int(again.val_set.lengths.max()) == 7
+    assert int(first.val_set.lengths.max()) > 7  # eval_max_len=None: whole reviews
 
     fit_module(imdb_root, cache_dir=str(tmp_path), max_vocab_size=12)
     fit_module(imdb_root, cache_dir=str(tmp_path), split_seed=7)

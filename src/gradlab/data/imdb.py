@@ -90,14 +90,17 @@ class IMDBDataModule(pl.LightningDataModule):
 
     The vocabulary (`max_vocab_size` entries with `<pad>`=0 and `<unk>`=1, words seen >= `min_freq` times)
     comes from the training part of the train folder only: neither the validation reviews (a seeded
-    `val_size` share of the train folder) nor the test folder influence it. Reviews longer than `max_len`
-    tokens are cut (`truncate`: keep the head or the tail). `batch_size` is per device.
+    `val_size` share of the train folder) nor the test folder influence it. Training reviews longer than
+    `max_len` tokens are cut (`truncate`: keep the head or the tail), which bounds the cost of a step;
+    validation and test reviews are cut at `eval_max_len` (None: read whole, as evaluation is cheap).
+    `batch_size` is per device.
     """
 
     def __init__(self, root: str = "data", batch_size: int = 64, val_size: int | float = 2500, split_seed: int = 12345,
-                 max_vocab_size: int = 25000, min_freq: int = 2, max_len: Optional[int] = 400, truncate: str = "head",
-                 bucket_batches: int = 50, num_workers: int = 0, pin_memory: bool = False, download: bool = True,
-                 cache_dir: Optional[str] = None, num_classes: int = 1):
+                 max_vocab_size: int = 25000, min_freq: int = 2, max_len: Optional[int] = 400, truncate: str = "tail",
+                 eval_max_len: Optional[int] = None, bucket_batches: int = 50, num_workers: int = 0,
+                 pin_memory: bool = False, download: bool = True, cache_dir: Optional[str] = None,
+                 num_classes: int = 1):
         super().__init__()
         if truncate not in ("head", "tail"):
             raise UserError(f"data.truncate={truncate!r} is not known; use 'head' (keep the start) or 'tail'.")
@@ -188,7 +191,8 @@ class IMDBDataModule(pl.LightningDataModule):
                             "(run with test=false, or extract the full archive).", self.folder)
             fit_cache = self._fit_cache()
             data = torch.load(fit_cache)
-            self.train_set, self.val_set = self._dataset(data["train"]), self._dataset(data["val"])
+            self.train_set = self._dataset(data["train"], self.hparams.max_len)
+            self.val_set = self._dataset(data["val"], self.hparams.eval_max_len)
             with open(os.path.join(os.path.dirname(fit_cache), "tokenizer.json")) as f:
                 self.tokenizer_json = f.read()
         if stage in (None, "test", "predict") and self.test_set is None:
@@ -197,11 +201,11 @@ class IMDBDataModule(pl.LightningDataModule):
                     f"The IMDB test split is missing: {self.folder} has no test/pos and test/neg folders "
                     f"(a train-only extraction?). Fix: extract the full {os.path.basename(URL)} there, or run "
                     f"with test=false to train and validate only.")
-            self.test_set = self._dataset(torch.load(self._test_cache())["test"])
+            self.test_set = self._dataset(torch.load(self._test_cache())["test"], self.hparams.eval_max_len)
 
-    def _dataset(self, part: dict) -> ReviewDataset:
-        return ReviewDataset(part["ids"], part["offsets"], part["labels"],
-                             max_len=self.hparams.max_len, truncate=self.hparams.truncate)
+    def _dataset(self, part: dict, max_len: Optional[int]) -> ReviewDataset:
+        return ReviewDataset(part["ids"], part["offsets"], part["labels"], max_len=max_len,
+                             truncate=self.hparams.truncate)
 
     def _loader(self, dataset: ReviewDataset, train: bool) -> DataLoader:
         # Training order and batch order come from (seed, epoch): a run resumed mid-epoch repeats them exactly
