@@ -1,5 +1,6 @@
 """Writers for tiny data files in the real on-disk formats, and a way to run the real CLI."""
 
+import importlib.util
 import os
 import struct
 import subprocess
@@ -9,6 +10,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module, so its main(argv) runs in-process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -1,7 +1,6 @@
 """GradNormMonitor: logged norms equal norms recomputed from the very gradients the optimizer stepped with;
 health warnings and the non-finite stop; the same through the real train.py; the plot script's PNG."""
 
-import importlib.util
 import json
 import math
 from functools import partial
@@ -18,15 +17,7 @@ from torch import nn
 from gradlab.callbacks.grad_norm import GradNormMonitor
 from gradlab.events import read_scalars
 from gradlab.models.classifier import ClassifierModule
-from helpers import ROOT, run_cli, tiny_mnist_args
-
-def load_script(name: str):
-    """scripts/<name>.py as a module, so its main(argv) runs in-process."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from helpers import ROOT, load_script, run_cli, tiny_mnist_args
 
 CLIP = 0.05  # small enough that every step of the tiny net is clipped
 

@@ -1,6 +1,5 @@
 """The lesson scripts run tiny, in-process: their numbers checked against torch autograd, their pictures read back."""
 
-import importlib.util
 import math
 
 import matplotlib.image
@@ -10,15 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from gradlab.data.toy import lesson_data
 from gradlab.errors import UserError
-from helpers import ROOT
-
-
-def load_script(name: str):
-    """scripts/<name>.py as a module, so its main(argv) runs in-process."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def assert_png(path, min_h=200, min_w=400):

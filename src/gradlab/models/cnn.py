@@ -1,8 +1,35 @@
-"""The classic MNIST CNN of pytorch/examples `mnist/main.py`."""
+"""The classic MNIST CNN of pytorch/examples `mnist/main.py`.
+
+Same layers, same parameters (its state dict loads into pytorch/examples' `Net` and back), same function;
+three implementation choices make a CPU training step ~1.2x faster than the reference code
+(`scripts/bench_cnn.py`), each one exact:
+
+* max pool before the second relu: relu is monotonic, so `relu(maxpool(x)) == maxpool(relu(x))`, values and
+  gradients alike (where the window max is <= 0 both give 0), and the relu runs on 4x fewer elements;
+* dropout after flatten: dropout is elementwise, so it commutes with the reshape;
+* `Dropout` draws its CPU mask as `uniform >= p` (one fast `uniform_` kernel) instead of `bernoulli_`,
+  which costs ~2x more per element on CPU; the mask has the same Bernoulli(1-p) law and scale 1/(1-p).
+
+Trained with `model.channels_last=true` (the `model=cnn` default) the convolutions and the max pool run in
+NHWC layout, where oneDNN's CPU kernels are fastest (the NCHW 2x2 max pool alone costs ~5 ms per batch).
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` with a faster CPU mask (`uniform_ >= p` rather than `bernoulli_`); CUDA keeps the fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return F.dropout(x, self.p, self.training, self.inplace)
+        if self.p == 1.0:
+            return x * 0.0
+        # keep with probability 1-p; kept values scaled by 1/(1-p) so the expectation is unchanged.
+        mask = torch.empty_like(x).uniform_().ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x.mul_(mask) if self.inplace else x * mask
 
 
 class MnistCNN(nn.Module):
@@ -16,17 +43,16 @@ class MnistCNN(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 32, 3)  # 28x28 -> 26x26
         self.conv2 = nn.Conv2d(32, 64, 3)           # 26x26 -> 24x24
-        self.dropout1 = nn.Dropout(dropout_conv)
+        self.dropout1 = Dropout(dropout_conv)
         # 9216 = 64 channels x 12 x 12 (24x24 halved by the 2x2 max pool).
         self.fc1 = nn.Linear(64 * 12 * 12, hidden)
-        self.dropout2 = nn.Dropout(dropout_fc)
+        self.dropout2 = Dropout(dropout_fc)
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, 1, 28, 28)
         x = F.relu(self.conv1(x))                   # (B, 32, 26, 26)
-        x = F.relu(self.conv2(x))                   # (B, 64, 24, 24)
-        x = F.max_pool2d(x, 2)                      # (B, 64, 12, 12)
-        x = torch.flatten(self.dropout1(x), 1)      # (B, 9216)
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))  # (B, 64, 12, 12): pool, then relu (equal, see above)
+        x = self.dropout1(torch.flatten(x, 1))      # (B, 9216), channel-major like the reference
         x = self.dropout2(F.relu(self.fc1(x)))      # (B, 128)
         return F.log_softmax(self.fc2(x), dim=1)    # (B, C)
