@@ -3,16 +3,17 @@
     python scripts/bench_autograd.py                 # the README table (~1 min on one CPU core)
     python scripts/bench_autograd.py --reps 31 --threads 2
 
-Each row builds ManualMLP twice from one seed, with backend=manual (gradlab.autograd Functions) and
-backend=autograd (nn.Linear, nn.Sigmoid, …, nn.CrossEntropyLoss), and times forward + backward +
-SGD step. The backends alternate round by round in the same process, and the table shows the median
-over rounds of the per-step time. Time is this process's CPU time, not wall time: on a shared machine
+Each row builds ManualMLP three times from one seed: backend=manual fused (the whole stack one
+hand-written Function, gradlab.autograd.stack, the default), backend=manual fused=False (one
+hand-written Function per layer) and backend=autograd (nn.Linear, nn.Sigmoid, …, nn.CrossEntropyLoss),
+and times forward + backward + SGD step. The three take turns round by round in the same process (the
+order rotates), and the table shows the median over rounds of the per-step time; ratios are to autograd. Time is this process's CPU time, not wall time: on a shared machine
 the wall clock also counts the time other processes hold the core, CPU time counts only our own work.
 (With --threads 1 all work is on this thread; autograd runs CPU backward on the calling thread.)
 
 Memory, measured in a separate untimed step:
-  saved  the bytes the autograd graph keeps for backward (saved_tensors_hooks; a storage counted once,
-         parameters excluded because they exist anyway).
+  kept   the bytes alive when forward has returned: what the graph keeps for backward (saved
+         activations, however a Function keeps them), parameters and input excluded.
   peak   the peak bytes of all live tensors during forward + backward + step, above the parameters and
          the input batch: every tensor an aten op creates is counted from its creation until its
          storage is freed (a TorchDispatchMode with weakref finalizers). Allocator caching and the
@@ -30,7 +31,11 @@ from torch.utils._pytree import tree_leaves
 
 from gradlab.models.mlp import ManualMLP, classification_loss
 
-BACKENDS = ("manual", "autograd")
+VARIANTS = {  # name: (backend, fused)
+    "fused": ("manual", True),
+    "layers": ("manual", False),
+    "autograd": ("autograd", False),
+}
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -62,9 +67,11 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-def build(backend: str, sizes: list[int], activation: str, batch_norm: bool, seed: int = 0):
+def build(variant: str, sizes: list[int], activation: str, batch_norm: bool, seed: int = 0):
+    backend, fused = VARIANTS[variant]
     torch.manual_seed(seed)
-    net = ManualMLP(sizes[0], sizes[1:-1], sizes[-1], activation, batch_norm=batch_norm, backend=backend)
+    net = ManualMLP(sizes[0], sizes[1:-1], sizes[-1], activation, batch_norm=batch_norm, backend=backend,
+                    fused=fused)
     return net, classification_loss(sizes[-1], backend), torch.optim.SGD(net.parameters(), lr=0.01)
 
 
@@ -74,29 +81,19 @@ def train_step(net, criterion, optimizer, x, y):
     optimizer.step()
 
 
-def saved_bytes(net, criterion, x, y) -> int:
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = criterion(net(x), y)
-    loss.backward()
-    return sum(storages.values())
-
-
-def peak_bytes(net, criterion, optimizer, x, y) -> int:
+def memory_bytes(net, criterion, optimizer, x, y) -> tuple[int, int]:
+    """(bytes alive after forward, peak bytes over forward + backward + step), above parameters and input."""
     train_step(net, criterion, optimizer, x, y)  # creates optimizer state, if any, outside the count
+    optimizer.zero_grad(set_to_none=True)
     mode = LiveTensorBytes()
     mode.preexisting = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers(), x, y]}
     with mode:
-        train_step(net, criterion, optimizer, x, y)
-    return mode.peak
+        loss = criterion(net(x), y)
+        kept = mode.live  # the graph's saved activations (and the loss): what backward will read
+        loss.backward()
+        del loss
+        optimizer.step()
+    return kept, mode.peak
 
 
 def time_steps(runs: dict, x, y, reps: int, steps: int) -> dict[str, float]:
@@ -105,7 +102,8 @@ def time_steps(runs: dict, x, y, reps: int, steps: int) -> dict[str, float]:
         for _ in range(3):
             train_step(*run, x, y)
     for r in range(reps):
-        order = list(runs) if r % 2 == 0 else list(runs)[::-1]  # neither backend always goes first
+        names = list(runs)
+        order = names[r % len(names):] + names[:r % len(names)]  # none always goes first
         for name in order:
             start = time.process_time()
             for _ in range(steps):
@@ -135,8 +133,8 @@ def main() -> None:
     ]
     print(f"float32, CPU, batch {args.batch}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
           f"time = median of {args.reps} rounds x {args.steps} steps of CPU time per step")
-    header = (f"{'network':<26} {'manual ms':>9} {'autograd ms':>11} {'ratio':>6}   "
-              f"{'saved MiB':>9} {'(autograd)':>10} {'ratio':>6}   {'peak MiB':>8} {'(autograd)':>10} {'ratio':>6}")
+    header = (f"{'network':<26} {'fused ms':>8} {'layers ms':>9} {'autograd ms':>11} {'fused':>6} {'layers':>6}   "
+              f"{'kept MiB':>9} {'(autograd)':>10} {'ratio':>6}   {'peak MiB':>8} {'(autograd)':>10} {'ratio':>6}")
     print(header)
     print("-" * len(header))
     mib = 2 ** 20
@@ -144,13 +142,16 @@ def main() -> None:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(args.batch, sizes[0], generator=gen)
         y = torch.randint(0, sizes[-1], (args.batch,), generator=gen)
-        runs = {b: build(b, sizes, activation, batch_norm) for b in BACKENDS}
-        saved = {b: saved_bytes(*runs[b][:2], x, y) / mib for b in BACKENDS}
-        peak = {b: peak_bytes(*runs[b], x, y) / mib for b in BACKENDS}
-        ms = {b: t * 1e3 for b, t in time_steps(runs, x, y, args.reps, args.steps).items()}
-        print(f"{label:<26} {ms['manual']:>9.2f} {ms['autograd']:>11.2f} {ms['manual'] / ms['autograd']:>5.2f}x   "
-              f"{saved['manual']:>9.2f} {saved['autograd']:>10.2f} {saved['manual'] / saved['autograd']:>5.2f}x   "
-              f"{peak['manual']:>8.2f} {peak['autograd']:>10.2f} {peak['manual'] / peak['autograd']:>5.2f}x")
+        runs = {v: build(v, sizes, activation, batch_norm) for v in VARIANTS}
+        mem = {v: memory_bytes(*runs[v], x, y) for v in VARIANTS}
+        saved = {v: kept / mib for v, (kept, _) in mem.items()}
+        peak = {v: top / mib for v, (_, top) in mem.items()}
+        ms = {v: t * 1e3 for v, t in time_steps(runs, x, y, args.reps, args.steps).items()}
+        # Memory is reported for the fused default; the per-layer Functions keep the same tensors.
+        print(f"{label:<26} {ms['fused']:>8.2f} {ms['layers']:>9.2f} {ms['autograd']:>11.2f} "
+              f"{ms['fused'] / ms['autograd']:>5.2f}x {ms['layers'] / ms['autograd']:>5.2f}x   "
+              f"{saved['fused']:>9.2f} {saved['autograd']:>10.2f} {saved['fused'] / saved['autograd']:>5.2f}x   "
+              f"{peak['fused']:>8.2f} {peak['autograd']:>10.2f} {peak['fused'] / peak['autograd']:>5.2f}x")
 
 
 if __name__ == "__main__":

@@ -49,10 +49,11 @@ def test_backends_have_the_same_parameters_and_buffers():
     assert "layers.fc1.weight" in manual.state_dict() and "layers.bn1.running_var" in manual.state_dict()
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_one_step_same_loss_and_gradients(activation, batch_norm, device):
-    manual, reference = twin_nets(device=device, activation=activation, batch_norm=batch_norm)
+def test_one_step_same_loss_and_gradients(activation, batch_norm, fused, device):
+    manual, reference = twin_nets(device=device, activation=activation, batch_norm=batch_norm, fused=fused)
     x, y = batch(torch.float64, device)
     losses = []
     for net, backend in ((manual, "manual"), (reference, "autograd")):
@@ -67,8 +68,9 @@ def test_one_step_same_loss_and_gradients(activation, batch_norm, device):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("activation, batch_norm", [("sigmoid", False), ("relu", True), ("tanh", True)])
-def test_n_sgd_steps_reach_the_same_weights(activation, batch_norm, dtype, tol, device):
-    manual, reference = twin_nets(dtype, device, activation=activation, batch_norm=batch_norm)
+@pytest.mark.parametrize("fused", [True, False])
+def test_n_sgd_steps_reach_the_same_weights(activation, batch_norm, fused, dtype, tol, device):
+    manual, reference = twin_nets(dtype, device, activation=activation, batch_norm=batch_norm, fused=fused)
     runs = [(manual, classification_loss(5, "manual")), (reference, classification_loss(5, "autograd"))]
     optimizers = [torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) for net, _ in runs]
     for step in range(8):
@@ -129,8 +131,8 @@ def test_compiled_training_step_matches_eager():
     """The Functions trace into one graph (fullgraph: no silent fallback to eager); AOTAutograd then
     compiles their hand-written backward, which `loss.backward()` runs."""
     torch._dynamo.reset()
-    compiled_net, _ = twin_nets(torch.float32, activation="tanh", batch_norm=True)
-    eager_net, _ = twin_nets(torch.float32, activation="tanh", batch_norm=True)
+    compiled_net, _ = twin_nets(torch.float32, activation="tanh", batch_norm=True)  # fused: compiled per layer
+    eager_net, _ = twin_nets(torch.float32, activation="tanh", batch_norm=True)     # fused: one MLPStack node
     criterion = classification_loss(5, "manual")
     x, y = batch(torch.float32, "cpu")
 

@@ -34,6 +34,27 @@ def leaky_relu_grad(grad_y, y, negative_slope: float):
     return torch.sign(y).clamp_(min=negative_slope).mul_(grad_y)
 
 
+# The same derivatives finished in the caller's own buffer `g` (which holds the upstream gradient and
+# becomes the result), for code that owns its intermediate gradients: the fused stack in stack.py.
+# Never call these on a gradient autograd hands to a backward: it may be shared. None allocates a
+# tensor of g's size: where a mask is needed it is written over y itself when the caller says y is no
+# longer needed (`y_free`).
+def sigmoid_grad_(g, y, y_free=False):
+    return g.mul_(y).addcmul_(g, y, value=-1)  # g·σ - (g·σ)·σ = g·σ(1 - σ)
+
+
+def tanh_grad_(g, y, y_free=False):
+    return g.addcmul_(g, y, value=-1).addcmul_(g, y)  # g(1 - tanh) + g(1 - tanh)·tanh = g·(1 - tanh²)
+
+
+def relu_grad_(g, y, y_free=False):
+    return g.mul_(y.sign_() if y_free else torch.sign(y))  # g·[x > 0]
+
+
+def leaky_relu_grad_(g, y, negative_slope: float, y_free=False):
+    return g.mul_((y.sign_() if y_free else torch.sign(y)).clamp_(min=negative_slope))
+
+
 class Sigmoid(Function):
     @staticmethod
     def forward(ctx, x):

@@ -30,14 +30,17 @@ class BatchNorm1d(nn.BatchNorm1d):
         if not self.training:
             return batch_norm_eval(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
         y, mean, var = batch_norm(x, self.weight, self.bias, self.eps)
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            # momentum=None means a cumulative average, as in nn.BatchNorm1d
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            n = x.shape[0]
-            self.running_mean.lerp_(mean, m)
-            self.running_var.lerp_(var * (n / (n - 1)), m)  # running variance is unbiased, as in torch
+        self.update_running_stats(mean, var, x.shape[0])
         return y
+
+    @torch.no_grad()
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """Fold one batch's mean and biased variance (n samples) into the running averages."""
+        self.num_batches_tracked += 1
+        # momentum=None means a cumulative average, as in nn.BatchNorm1d
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean, m)
+        self.running_var.lerp_(var * (n / (n - 1)), m)  # running variance is unbiased, as in torch
 
 
 class Sigmoid(nn.Module):

@@ -3,6 +3,7 @@
     python train.py model=mlp                                   # 784-256-128-10 relu MLP on MNIST
     python train.py model=mlp model.activation=tanh model.hidden=[512,256] model.batch_norm=true
     python train.py model=mlp model.backend=autograd            # the same network from nn.Linear & co.
+    python train.py model=mlp model.fused=false                 # one hand-written Function per layer
     python train.py experiment=toy_xor                          # the textbook 3-4-2 sigmoid net, seconds
 
 Both backends build the same layers with the same parameter names, shapes and init, so a state_dict
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from gradlab.autograd import modules as manual
+from gradlab.autograd.stack import mlp_stack
 from gradlab.errors import UserError
 
 ACTIVATIONS = {
@@ -41,10 +43,16 @@ class ManualMLP(nn.Module):
     Returns logits (B, num_classes), or (B,) when num_classes == 1 (binary, for BCE-with-logits).
     Init is matched to the activation: Xavier/Glorot for sigmoid and tanh (keeps the variance of
     saturating units' inputs near 1), Kaiming/He for relu (doubles it back after relu zeroes half).
+
+    backend="manual" runs the hand-written backward; with `fused=True` (default) the whole stack is one
+    autograd node (gradlab.autograd.stack.MLPStack: the fastest), with `fused=False` each layer is its
+    own Function as in the textbook (use it for second derivatives). Eval with batch norm, and forward
+    under torch.compile, always run per layer.
     """
 
     def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, activation: str = "relu",
-                 batch_norm: bool = False, backend: str = "manual", negative_slope: float = 0.01):
+                 batch_norm: bool = False, backend: str = "manual", negative_slope: float = 0.01,
+                 fused: bool = True):
         super().__init__()
         _check_choice("activation", activation, ACTIVATIONS)
         _check_choice("backend", backend, BACKENDS)
@@ -53,6 +61,8 @@ class ManualMLP(nn.Module):
             raise UserError(f"ManualMLP needs positive sizes, got in_features={in_features}, "
                             f"hidden={hidden}, num_classes={num_classes}.")
         self.activation, self.backend, self.num_classes = activation, backend, num_classes
+        self.batch_norm, self.negative_slope = batch_norm, negative_slope
+        self.fused = fused and backend == "manual"
         is_manual = backend == "manual"
         Linear = manual.Linear if is_manual else nn.Linear
         BatchNorm = manual.BatchNorm1d if is_manual else nn.BatchNorm1d
@@ -86,8 +96,29 @@ class ManualMLP(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layers(x.flatten(1))              # (B, in_features) → (B, num_classes)
+        x = x.flatten(1)                             # (B, in_features)
+        # Under torch.compile the per-layer Functions are traced instead: the compiler fuses them itself.
+        if self.fused and (self.training or not self.batch_norm) and not torch.compiler.is_compiling():
+            out = self._stack_forward(x)
+        else:
+            out = self.layers(x)                     # (B, num_classes)
         return out.squeeze(1) if self.num_classes == 1 else out
+
+    def _stack_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layers' parameters through one MLPStack node; running statistics updated as per layer."""
+        params, norms = [], []
+        n_hidden = sum(1 for name in self.layers._modules if name.startswith("fc"))
+        for i in range(1, n_hidden + 1):
+            fc, bn = self.layers._modules[f"fc{i}"], self.layers._modules.get(f"bn{i}")
+            params += [fc.weight, fc.bias, bn.weight if bn is not None else None, bn.bias if bn is not None else None]
+            norms.append(bn)
+        out_layer = self.layers._modules["out"]
+        params += [out_layer.weight, out_layer.bias]
+        eps = norms[0].eps if self.batch_norm else 1e-5
+        out, stats = mlp_stack(x, params, self.activation, self.negative_slope, self.batch_norm, eps)
+        for bn, mean, var in zip(norms, stats[::2], stats[1::2]):
+            bn.update_running_stats(mean, var, x.shape[0])
+        return out
 
 
 def classification_loss(num_classes: int, backend: str = "manual") -> nn.Module:

@@ -1,0 +1,151 @@
+"""A whole MLP, linear → [batch norm] → activation → … → linear, as one autograd node.
+
+The per-layer Functions (linear.py, activations.py, batchnorm.py) are the textbook pieces: one node
+each, composable anywhere. Through a deep stack the engine's per-node costs add up: each Python
+`Function` pays ~10-20 µs per step (building its ctx in forward, a call back into Python in backward)
+where autograd's C++ nodes pay ~1-3 µs. `MLPStack` runs the stack as a single Function (the idea of
+NVIDIA apex's fused MLP), with the same derivative lines, and gains what a hand-written backward can:
+
+* every intermediate lives in a buffer of its own, so each activation runs in place on the matmul's output
+  in forward, and each activation's derivative is finished in place on the gradient buffer in backward
+  (autograd allocates a new tensor for both): one activation-sized tensor less at the backward's peak;
+* activations are freed layer by layer as backward passes them, as autograd frees its nodes' buffers;
+* it saves exactly what the per-layer Functions save: the input (if W₁ needs a gradient), each hidden
+  output (read by the activation's derivative and the next layer's ∂W), the weights, and x̂, 1/σ for
+  batch norm. Never more than autograd.
+
+Backward is `once_differentiable` (it works in place on its own buffers); for second derivatives build
+the network from the per-layer Functions (`ManualMLP(..., fused=False)`), whose backward is differentiable.
+`retain_graph=True` works as in autograd: the activations then stay for the next backward.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+from torch.autograd.function import once_differentiable
+
+from gradlab.autograd.activations import leaky_relu_grad_, relu_grad_, sigmoid_grad_, tanh_grad_
+from gradlab.autograd.amp import autocast_backward, autocast_forward
+from gradlab.autograd.batchnorm import batch_norm_train_backward, batch_norm_train_forward
+
+# activation: (in-place forward on z, in-place derivative of g given the output y)
+ACTIVATIONS = {
+    "sigmoid": (lambda z, slope: z.sigmoid_(), lambda g, y, slope, free: sigmoid_grad_(g, y)),
+    "tanh": (lambda z, slope: z.tanh_(), lambda g, y, slope, free: tanh_grad_(g, y)),
+    "relu": (lambda z, slope: z.relu_(), lambda g, y, slope, free: relu_grad_(g, y, free)),
+    "leaky_relu": (lambda z, slope: F.leaky_relu_(z, slope), leaky_relu_grad_),
+}
+PER_HIDDEN = 4  # parameter slots per hidden layer: W, b (None with batch norm), γ, β (None without)
+
+
+class MLPStack(Function):
+    """apply(x, (activation, negative_slope, batch_norm, eps), *params) -> (logits, *batch stats).
+
+    params: for each hidden layer W (out, in), b, γ, β (b None with batch norm; γ, β None without),
+    then W_out, b_out. With batch norm the outputs also carry each hidden layer's batch mean and biased
+    variance (non-differentiable), for the caller to update its running statistics.
+    """
+
+    @staticmethod
+    @autocast_forward
+    def forward(ctx, x, spec, *params):
+        activation, slope, batch_norm, eps = spec
+        act_, _ = ACTIVATIONS[activation]
+        hidden = [params[i:i + PER_HIDDEN] for i in range(0, len(params) - 2, PER_HIDDEN)]
+        w_out, b_out = params[-2:]
+        # Kept for backward: x (only if the first W needs a gradient) and the weights through
+        # save_for_backward (inputs: autograd checks they are not modified in place before backward),
+        # and per hidden layer [(γ, x̂, 1/σ,) h] on ctx, which backward drops layer by layer as it goes,
+        # so the activations are freed in the order autograd frees them. h, the activation's output, is
+        # read by its derivative and by the next layer's ∂W.
+        h, kept, stats = x, [], []
+        for w, b, gamma, beta in hidden:
+            # z = h·Wᵀ + b (B, out): the bias add fused into the matmul
+            z = torch.addmm(b, h, w.t()) if b is not None else h.mm(w.t())
+            layer = []
+            if batch_norm:
+                z, mean, var, xhat, invstd = batch_norm_train_forward(z, gamma, beta, eps, x_free=True)
+                stats += [mean, var]
+                layer += [xhat, invstd]
+            h = act_(z, slope)                          # in place: z is ours alone
+            kept.append((*layer, h))
+        out = torch.addmm(b_out, h, w_out.t()) if b_out is not None else h.mm(w_out.t())
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, *params)
+        ctx.spec, ctx.kept = spec, kept
+        ctx.mark_non_differentiable(*stats)
+        return (out, *stats)
+
+    @staticmethod
+    @autocast_backward
+    @once_differentiable
+    def backward(ctx, grad_out, *_grad_stats):
+        activation, slope, batch_norm, _ = ctx.spec
+        _, act_grad_ = ACTIVATIONS[activation]
+        if ctx.kept is None:
+            raise RuntimeError("Trying to backward through MLPStack a second time, but its activations were freed "
+                               "by the first backward. Specify retain_graph=True the first time, or build the net "
+                               "with ManualMLP(..., fused=False).")
+        kept = list(ctx.kept)
+        free = not _graph_kept()                        # no later backward will read the activations
+        if free:
+            ctx.kept = None                             # from here on only this frame holds them
+        x, *params = ctx.saved_tensors
+        need_x, _, *need = ctx.needs_input_grad         # need: one flag per parameter slot
+        grads = [None] * len(need)
+
+        def layer_input(i):                             # what layer i read: x, or hidden layer i-1's output
+            return kept[i - 1][-1] if i > 0 else x
+
+        # Output layer: y = h·W_outᵀ + b_out, with g = ∂L/∂y (B, C)
+        n = len(kept)
+        g, w_out = grad_out, params[-2]
+        if need[-2]:
+            grads[-2] = g.t().mm(layer_input(n))        # ∂y/∂W = h: (C, B)·(B, H) = (C, H)
+        if need[-1]:
+            grads[-1] = g.sum(0)                        # ∂y/∂b = 1, summed over the batch: (C,)
+        if n == 0 and not need_x:
+            return (None, None, *grads)
+        g = g.mm(w_out)                                 # ∂y/∂h = W_out: (B, C)·(C, H) = (B, H), a new buffer
+
+        for i in reversed(range(n)):
+            *bn, h = kept.pop()                         # this layer's activations, freed after this iteration
+            slot = PER_HIDDEN * i
+            w, gamma = params[slot], params[slot + 2]
+            # g ← g·act'(z) = ∂L/∂z in place (B, H); h was last read by the layer above's ∂W, so a relu
+            # mask may overwrite it
+            act_grad_(g, h, slope, free)
+            del h
+            if batch_norm:                              # g ← ∂L/∂(pre-norm z), a new buffer
+                xhat, invstd = bn
+                g, grad_gamma, grad_beta = batch_norm_train_backward(g, xhat, invstd, gamma, g_free=True)
+                del xhat, invstd, bn
+                grads[slot + 2] = grad_gamma if need[slot + 2] else None
+                grads[slot + 3] = grad_beta if need[slot + 3] else None
+            if need[slot]:
+                grads[slot] = g.t().mm(layer_input(i))  # ∂z/∂W = h_in: (out, B)·(B, in) = (out, in)
+            if need[slot + 1]:
+                grads[slot + 1] = g.sum(0)              # ∂z/∂b = 1: (out,)
+            if i > 0 or need_x:
+                g = g.mm(w)                             # ∂z/∂h_in = W: (B, out)·(out, in) = (B, in)
+        return (g if need_x else None, None, *grads)
+
+
+def _graph_kept() -> bool:
+    """Whether this backward runs with retain_graph=True (then the activations must stay for the next one)."""
+    try:
+        return torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):  # a private torch API: if it moves, keep them (correct, more memory)
+        return True
+
+
+def mlp_stack(x: torch.Tensor, params, activation: str = "relu", negative_slope: float = 0.01,
+              batch_norm: bool = False, eps: float = 1e-5):
+    """The whole stack in one node; returns (logits, [mean₁, var₁, …] when batch_norm)."""
+    if x.dim() != 2:
+        raise ValueError(f"mlp_stack expects a (batch, features) input, got shape {tuple(x.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    if len(params) < 2 or (len(params) - 2) % PER_HIDDEN:
+        raise ValueError(f"params: {PER_HIDDEN} slots per hidden layer then W_out, b_out; got {len(params)}")
+    out, *stats = MLPStack.apply(x, (activation, negative_slope, batch_norm, eps), *params)
+    return out, stats

@@ -1,0 +1,153 @@
+"""The fused MLP stack (one hand-written Function for the whole network) against finite differences, the
+per-layer Functions and autograd: values, gradients, running statistics, memory, autocast, misuse."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+
+from gradlab.autograd.stack import mlp_stack
+from gradlab.models.mlp import ManualMLP, classification_loss
+from helpers import load_script
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def stack_params(sizes, batch_norm, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = torch.randn(n_out, n_in, generator=g, dtype=dtype) / n_in ** 0.5
+        b = torch.randn(n_out, generator=g, dtype=dtype) * 0.1
+        last = i == len(sizes) - 2
+        if last or not batch_norm:
+            params += [w, b] if last else [w, b, None, None]
+        else:
+            gamma = 1 + 0.1 * torch.randn(n_out, generator=g, dtype=dtype)
+            params += [w, None, gamma, 0.1 * torch.randn(n_out, generator=g, dtype=dtype)]
+    return [p.to(device).requires_grad_() if p is not None else None for p in params]
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck_float64(activation, batch_norm, device):
+    params = stack_params([5, 4, 3, 2], batch_norm, torch.float64, device)
+    x = torch.randn(6, 5, dtype=torch.float64, device=device, requires_grad=True)
+
+    def logits(x, *params):
+        return mlp_stack(x, params, activation, 0.05, batch_norm)[0]
+
+    # Random float64 pre-activations sit ~never within gradcheck's eps of relu's kink.
+    assert gradcheck(logits, (x, *params), eps=1e-6, atol=1e-8)
+
+
+def test_no_hidden_layer_is_a_linear_map():
+    w, b = torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64,
+                                                                                   requires_grad=True)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out, stats = mlp_stack(x, [w, b])
+    torch.testing.assert_close(out, F.linear(x, w, b))
+    assert stats == []
+    assert gradcheck(lambda w, b: mlp_stack(x, [w, b])[0], (w, b))
+
+
+def nets(activation, batch_norm, dtype=torch.float64, device="cpu"):
+    """fused stack, per-layer Functions, autograd: one network, three implementations, same weights."""
+    out = {}
+    for name, backend, fused in (("fused", "manual", True), ("layers", "manual", False),
+                                 ("autograd", "autograd", False)):
+        torch.manual_seed(0)
+        out[name] = ManualMLP(12, [16, 8], 5, activation, batch_norm=batch_norm, backend=backend,
+                              fused=fused).to(device, dtype)
+    return out
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fused_equals_per_layer_and_autograd(activation, batch_norm, device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 12, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, 5, (10,), generator=g).to(device)
+    results = {}
+    for name, net in nets(activation, batch_norm, device=device).items():
+        xi = x.clone().requires_grad_()
+        loss = classification_loss(5, net.backend)(net(xi), y)
+        loss.backward()
+        results[name] = (loss, xi.grad, {k: p.grad for k, p in net.named_parameters()}, net.state_dict())
+    for name in ("fused", "layers"):
+        loss, x_grad, grads, state = results[name]
+        ref_loss, ref_x_grad, ref_grads, ref_state = results["autograd"]
+        tol = dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(loss, ref_loss, **tol)
+        torch.testing.assert_close(x_grad, ref_x_grad, **tol)
+        for k in ref_grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], **tol, msg=f"{name} {k}")
+        for k in ref_state:  # running mean/var and num_batches_tracked updated alike
+            torch.testing.assert_close(state[k], ref_state[k], **tol, msg=f"{name} {k}")
+
+
+def test_fused_keeps_and_peaks_no_more_memory_than_autograd():
+    """Measured with the benchmark's own counter of live tensor bytes (deterministic, not a timing)."""
+    bench = load_script("bench_autograd")
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    mem = {v: bench.memory_bytes(*bench.build(v, [32] + [48] * 6 + [10], "tanh", False), x, y)
+           for v in bench.VARIANTS}
+    kept, peak = {v: m[0] for v, m in mem.items()}, {v: m[1] for v, m in mem.items()}
+    activations = 6 * 64 * 48 * 4  # the six hidden outputs, what both must keep
+    assert activations <= kept["fused"] <= kept["autograd"]
+    assert peak["fused"] <= peak["autograd"] * 1.01  # the activations are freed layer by layer in backward
+    # without that release the peak would carry all six activations on top
+    assert peak["fused"] < peak["autograd"] + activations / 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_backward_twice_needs_retain_graph_as_in_autograd(fused):
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 12), torch.randint(0, 5, (4,))
+    net = ManualMLP(12, [8, 6], 5, fused=fused)
+    loss = classification_loss(5)(net(x), y)
+    loss.backward(retain_graph=True)
+    first = net.layers.fc1.weight.grad.clone()
+    loss.backward()  # the activations were kept for it
+    torch.testing.assert_close(net.layers.fc1.weight.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()  # but not after a backward without retain_graph
+
+
+def test_autocast_fused_matches_autograd(device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    all_nets = nets("relu", True, torch.float32, device)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 12, generator=g).to(device)
+    y = torch.randint(0, 5, (32,), generator=g).to(device)
+    results = {}
+    for name in ("fused", "autograd"):
+        net = all_nets[name]
+        with torch.autocast(device, dtype=dtype):
+            logits = net(x)
+            loss = classification_loss(5, net.backend)(logits, y)
+        loss.backward()
+        assert logits.dtype == dtype and loss.dtype == torch.float32
+        results[name] = (loss, [p.grad for p in net.parameters()])
+    torch.testing.assert_close(results["fused"][0], results["autograd"][0], rtol=2e-2, atol=2e-2)
+    for ours, theirs in zip(results["fused"][1], results["autograd"][1], strict=True):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=5e-2, atol=5e-2)
+
+
+def test_bad_stack_arguments_are_named():
+    w = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="batch, features"):
+        mlp_stack(torch.randn(2, 2, 4), [w, None])
+    with pytest.raises(ValueError, match="swish"):
+        mlp_stack(torch.randn(2, 4), [w, None], activation="swish")
+    with pytest.raises(ValueError, match="4 slots per hidden layer"):
+        mlp_stack(torch.randn(2, 4), [w, None, w])
+    with pytest.raises(ValueError, match="more than 1 value per feature"):
+        ManualMLP(4, [3], 2, batch_norm=True)(torch.randn(1, 4))
