@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from gradlab.train import build_module, instantiate_group
+from gradlab.train import build_module, build_trainer, instantiate_group
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -47,8 +47,7 @@ def test_every_option_instantiates(group, tmp_path):
             # A GPU trainer cannot be built here; what can be checked is that it asks for GPUs.
             assert cfg.trainer.devices not in (None, 0), (group, option)
             continue
-        trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.callbacks),
-                              logger=instantiate_group(cfg.logger) or False)
+        trainer = build_trainer(cfg, instantiate_group(cfg.callbacks), instantiate_group(cfg.logger))
         expected_epochs = 1 if cfg.trainer.get("fast_dev_run") else cfg.trainer.max_epochs
         assert trainer.max_epochs == expected_epochs, (group, option)
 
@@ -70,8 +69,21 @@ def test_experiment_overlay_sets_the_recipe(tmp_path):
 
 
 def test_callbacks_can_be_switched_off(tmp_path):
-    cfg = compose_with(["callbacks.progress_bar.enabled=false"], tmp_path)
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar
+
+    def trainer_callbacks(trainer):
+        return {type(c) for c in trainer.callbacks}
+
+    cfg = compose_with(["callbacks.progress_bar.enabled=false", "callbacks.model_summary.enabled=false"], tmp_path)
     names = {type(c).__name__ for c in instantiate_group(cfg.callbacks)}
     assert "RichProgressBar" not in names and "ModelCheckpoint" in names
+    trainer = build_trainer(cfg, instantiate_group(cfg.callbacks), [])
+    # off means off: Lightning does not slip its default bar or summary in
+    assert trainer.progress_bar_callback is None
+    assert not any(isinstance(c, ModelSummary) for c in trainer.callbacks)
+    cfg = compose_with([], tmp_path)
+    trainer = build_trainer(cfg, instantiate_group(cfg.callbacks), [])
+    assert isinstance(trainer.progress_bar_callback, RichProgressBar)
+    assert RichModelSummary in trainer_callbacks(trainer)
     cfg = compose_with(["callbacks.early_stopping.enabled=true"], tmp_path)
     assert "EarlyStopping" in {type(c).__name__ for c in instantiate_group(cfg.callbacks)}

@@ -12,7 +12,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gradlab.ddp import ddp_children_join_this_job
-from gradlab.errors import UserError
 from gradlab.hparams import log_hparams
 from gradlab.reporting import print_results
 
@@ -26,6 +25,19 @@ def build_module(cfg: DictConfig) -> pl.LightningModule:
         scheduler = instantiate(sched_cfg)
     return instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler,
                        scheduler_interval=interval, _convert_="object")
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
+    """The trainer config's Trainer. A progress bar or model summary switched off in the callbacks group stays
+    off: Lightning would otherwise put its own default one in its place (unless the trainer config says)."""
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+
+    switches = {}
+    if "enable_progress_bar" not in cfg.trainer and not any(isinstance(c, ProgressBar) for c in callbacks):
+        switches["enable_progress_bar"] = False
+    if "enable_model_summary" not in cfg.trainer and not any(isinstance(c, ModelSummary) for c in callbacks):
+        switches["enable_model_summary"] = False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **switches)
 
 
 def instantiate_group(group: Optional[DictConfig]) -> list[Any]:
@@ -63,7 +75,7 @@ def _run(cfg: DictConfig) -> Optional[float]:
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = build_trainer(cfg, callbacks, loggers)
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
