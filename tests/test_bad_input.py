@@ -242,3 +242,18 @@ def test_user_error_raised_inside_a_constructor_is_one_message(tmp_path):
     assert proc.returncode == 2
     assert "data.input_dim=2" in proc.stderr
     assert "Traceback" not in proc.stderr and "Error in call to target" not in proc.stderr
+
+
+def test_metrics_json_stays_strict_json_when_a_metric_is_not_finite(tmp_path):
+    from gradlab.train import _write_json
+
+    path = tmp_path / "run" / "metrics.json"
+    _write_json(str(path), {"train/loss": float("inf"), "val/loss": float("nan"), "test/acc": 0.5, "epochs": 2})
+
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    data = json.loads(path.read_text(), parse_constant=reject)  # a strict parser reads it
+    assert data["train/loss"] is None and data["val/loss"] is None
+    assert data["nonfinite"] == {"train/loss": "inf", "val/loss": "nan"}
+    assert data["test/acc"] == 0.5 and data["epochs"] == 2

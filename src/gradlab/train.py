@@ -1,6 +1,7 @@
 """The training run behind train.py: build everything from the config, fit, test the best checkpoint, report."""
 
 import json
+import math
 import os
 import time
 from typing import Any, Optional
@@ -115,8 +116,13 @@ def _best_checkpoint(trainer: pl.Trainer) -> Optional[str]:
 
 
 def _write_json(path: str, data: dict) -> None:
+    # NaN and inf are not JSON (json.dump would write NaN/Infinity, which strict parsers reject): such a value is
+    # written as null and named, with its value, under "nonfinite", e.g. {"train/loss": "inf"}.
+    bad = {k: repr(v) for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        data = {**{k: (None if k in bad else v) for k, v in data.items()}, "nonfinite": bad}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
     os.replace(tmp, path)  # never leave a half-written metrics.json
