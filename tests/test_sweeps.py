@@ -43,6 +43,9 @@ def lr_sweep(mnist_root, tmp_path_factory):
     proc = run_cli("train.py", "-m", *tiny_mnist_args(mnist_root, out), *SHORT, "optimizer.lr=1e-5,-1,0.003",
                    cwd=out)
     assert proc.returncode != 0  # Hydra re-raises the failure, once every job has run
+    # ... as the user's one-paragraph error, not a traceback
+    assert "optimizer.lr=-1: must be a number > 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert "the other jobs of the sweep ran" in proc.stderr
     return only_sweep_dir(out)
 
 

@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Optional
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from gradlab.errors import EXIT_USER_ERROR, UserError
@@ -36,10 +37,18 @@ def run_entry(module: str, cfg: DictConfig):
     except UserError as err:
         if _in_multirun():
             # One job's bad value must not cost a sweep its other jobs: Hydra records this one as failed
-            # (conf/hydra/default.yaml leaves its metrics.json), runs the rest and re-raises at the end.
+            # (conf/hydra/default.yaml leaves its metrics.json), runs the rest and re-raises at the end,
+            # where a JobError is printed as its message alone, without a traceback (exit code 1).
             print(f"error: {err}", file=sys.stderr)
-            raise
+            raise JobError(err) from err
         fail(str(err))
+
+
+class JobError(CompactHydraException):
+    """A UserError in one job of a multirun, as Hydra reports it once every job has run."""
+
+    def __init__(self, err: UserError):
+        super().__init__(f"error: {err}\n(the other jobs of the sweep ran; this job's metrics.json records the error)")
 
 
 def _user_error_in(err: BaseException) -> Optional[UserError]:

@@ -15,6 +15,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from gradlab.errors import UserError
+
 
 def _global_rank() -> int:
     """The process's rank from the variables launchers set (Lightning, torchrun, srun); 0 when not distributed."""
@@ -35,6 +37,8 @@ class RecordFailedJob(Callback):
         if job_return.status != JobStatus.FAILED or _global_rank() != 0:
             return
         err = job_return._return_value  # `.return_value` would re-raise it
+        if isinstance(err.__cause__, UserError):  # gradlab.cli.JobError: record the user's error itself
+            err = err.__cause__
         record = {"status": "failed", "error": f"{type(err).__name__}: {err}",
                   "wall_time_s": round(time.time() - self.start, 2), "overrides": list(job_return.overrides or [])}
         path = os.path.join(config.hydra.runtime.output_dir, "metrics.json")
