@@ -21,6 +21,7 @@ Memory, measured in a separate untimed step:
 """
 
 import argparse
+import gc
 import statistics
 import time
 import weakref
@@ -105,10 +106,15 @@ def time_steps(runs: dict, x, y, reps: int, steps: int) -> dict[str, float]:
         names = list(runs)
         order = names[r % len(names):] + names[:r % len(names)]  # none always goes first
         for name in order:
-            start = time.process_time()
-            for _ in range(steps):
-                train_step(*runs[name], x, y)
-            per_step[name].append((time.process_time() - start) / steps)
+            gc.collect()  # as timeit does, no garbage collection inside a timed round: it would land on
+            gc.disable()  # whichever variant happens to run when the collector's threshold trips
+            try:
+                start = time.process_time()
+                for _ in range(steps):
+                    train_step(*runs[name], x, y)
+                per_step[name].append((time.process_time() - start) / steps)
+            finally:
+                gc.enable()
     return {name: statistics.median(v) for name, v in per_step.items()}
 
 

@@ -41,7 +41,7 @@ def test_gradcheck_float64(activation, batch_norm, device):
     x = torch.randn(6, 5, dtype=torch.float64, device=device, requires_grad=True)
 
     def logits(x, *params):
-        return mlp_stack(x, params, activation, 0.05, batch_norm)[0]
+        return mlp_stack(x, params, activation, 0.05, batch_norm)
 
     # Random float64 pre-activations sit ~never within gradcheck's eps of relu's kink.
     assert gradcheck(logits, (x, *params), eps=1e-6, atol=1e-8)
@@ -51,10 +51,8 @@ def test_no_hidden_layer_is_a_linear_map():
     w, b = torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64,
                                                                                    requires_grad=True)
     x = torch.randn(5, 4, dtype=torch.float64)
-    out, stats = mlp_stack(x, [w, b])
-    torch.testing.assert_close(out, F.linear(x, w, b))
-    assert stats == []
-    assert gradcheck(lambda w, b: mlp_stack(x, [w, b])[0], (w, b))
+    torch.testing.assert_close(mlp_stack(x, [w, b]), F.linear(x, w, b))
+    assert gradcheck(lambda w, b: mlp_stack(x, [w, b]), (w, b))
 
 
 def nets(activation, batch_norm, dtype=torch.float64, device="cpu"):
@@ -151,3 +149,22 @@ def test_bad_stack_arguments_are_named():
         mlp_stack(torch.randn(2, 4), [w, None, w])
     with pytest.raises(ValueError, match="more than 1 value per feature"):
         ManualMLP(4, [3], 2, batch_norm=True)(torch.randn(1, 4))
+
+
+def test_cumulative_running_average_momentum_none_matches_torch():
+    """momentum=None: running statistics are the plain average over batches, as nn.BatchNorm1d keeps them."""
+    all_nets = nets("tanh", True)
+    for net in all_nets.values():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.momentum = None
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        x = torch.randn(10, 12, generator=g, dtype=torch.float64)
+        for net in all_nets.values():
+            net(x)
+    ref = all_nets["autograd"].state_dict()
+    for name in ("fused", "layers"):
+        for k, v in all_nets[name].state_dict().items():
+            torch.testing.assert_close(v, ref[k], rtol=1e-12, atol=1e-12, msg=f"{name} {k}")
+    assert ref["layers.bn1.num_batches_tracked"].item() == 3

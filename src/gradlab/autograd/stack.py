@@ -10,6 +10,8 @@ NVIDIA apex's fused MLP), with the same derivative lines, and gains what a hand-
   in forward, and each activation's derivative is finished in place on the gradient buffer in backward
   (autograd allocates a new tensor for both): one activation-sized tensor less at the backward's peak;
 * activations are freed layer by layer as backward passes them, as autograd frees its nodes' buffers;
+* batch norm's forward is torch's kernel (statistics, output and running averages in two passes, where the
+  explicit forward of batchnorm.py takes six); its backward is the hand-written one of batchnorm.py;
 * it saves exactly what the per-layer Functions save: the input (if W₁ needs a gradient), each hidden
   output (read by the activation's derivative and the next layer's ∂W), the weights, and x̂, 1/σ for
   batch norm. Never more than autograd.
@@ -25,8 +27,8 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 from gradlab.autograd.activations import leaky_relu_grad_, relu_grad_, sigmoid_grad_, tanh_grad_
-from gradlab.autograd.amp import autocast_backward, autocast_forward
-from gradlab.autograd.batchnorm import batch_norm_train_backward, batch_norm_train_forward
+from gradlab.autograd.amp import at_least_float32, autocast_backward, autocast_forward
+from gradlab.autograd.batchnorm import batch_norm_train_backward
 
 # activation: (in-place forward on z, in-place derivative of g given the output y)
 ACTIVATIONS = {
@@ -39,47 +41,45 @@ PER_HIDDEN = 4  # parameter slots per hidden layer: W, b (None with batch norm),
 
 
 class MLPStack(Function):
-    """apply(x, (activation, negative_slope, batch_norm, eps), *params) -> (logits, *batch stats).
+    """apply(x, (activation, negative_slope, batch_norm, eps, running), *params) -> logits.
 
     params: for each hidden layer W (out, in), b, γ, β (b None with batch norm; γ, β None without),
-    then W_out, b_out. With batch norm the outputs also carry each hidden layer's batch mean and biased
-    variance (non-differentiable), for the caller to update its running statistics.
+    then W_out, b_out. running: with batch norm, per hidden layer (running_mean, running_var, momentum)
+    to update in place as nn.BatchNorm1d does (or None: no running statistics).
     """
 
     @staticmethod
     @autocast_forward
     def forward(ctx, x, spec, *params):
-        activation, slope, batch_norm, eps = spec
+        activation, slope, batch_norm, eps, running = spec
         act_, _ = ACTIVATIONS[activation]
         hidden = [params[i:i + PER_HIDDEN] for i in range(0, len(params) - 2, PER_HIDDEN)]
         w_out, b_out = params[-2:]
         # Kept for backward: x (only if the first W needs a gradient) and the weights through
         # save_for_backward (inputs: autograd checks they are not modified in place before backward),
-        # and per hidden layer [(γ, x̂, 1/σ,) h] on ctx, which backward drops layer by layer as it goes,
+        # and per hidden layer [(x̂, 1/σ,) h] on ctx, which backward drops layer by layer as it goes,
         # so the activations are freed in the order autograd frees them. h, the activation's output, is
         # read by its derivative and by the next layer's ∂W.
-        h, kept, stats = x, [], []
-        for w, b, gamma, beta in hidden:
+        h, kept = x, []
+        for i, (w, b, gamma, beta) in enumerate(hidden):
             # z = h·Wᵀ + b (B, out): the bias add fused into the matmul
             z = torch.addmm(b, h, w.t()) if b is not None else h.mm(w.t())
             layer = []
             if batch_norm:
-                z, mean, var, xhat, invstd = batch_norm_train_forward(z, gamma, beta, eps, x_free=True)
-                stats += [mean, var]
+                z, xhat, invstd = _batch_norm_forward(z, gamma, beta, eps, *(running[i] if running else (None,) * 3))
                 layer += [xhat, invstd]
             h = act_(z, slope)                          # in place: z is ours alone
             kept.append((*layer, h))
         out = torch.addmm(b_out, h, w_out.t()) if b_out is not None else h.mm(w_out.t())
         ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, *params)
         ctx.spec, ctx.kept = spec, kept
-        ctx.mark_non_differentiable(*stats)
-        return (out, *stats)
+        return out
 
     @staticmethod
     @autocast_backward
     @once_differentiable
     def backward(ctx, grad_out, *_grad_stats):
-        activation, slope, batch_norm, _ = ctx.spec
+        activation, slope, batch_norm, _, _ = ctx.spec
         _, act_grad_ = ACTIVATIONS[activation]
         if ctx.kept is None:
             raise RuntimeError("Trying to backward through MLPStack a second time, but its activations were freed "
@@ -130,6 +130,25 @@ class MLPStack(Function):
         return (g if need_x else None, None, *grads)
 
 
+def _batch_norm_forward(z, gamma, beta, eps, running_mean, running_var, momentum):
+    """Training-mode batch norm of the matmul output z: (y, x̂, 1/σ).
+
+    torch's kernel computes the statistics and y = γ·x̂ + β in two passes and updates the running averages
+    (unbiased variance) in place, where the per-layer Function spends six passes and a Python update; the
+    math is the same (see batchnorm.py). x̂ for backward is then built over z, which nothing else reads.
+    """
+    if z.shape[0] < 2:
+        raise ValueError(f"batch_norm in training needs more than 1 value per feature, got input of shape "
+                         f"{tuple(z.shape)}; use a batch of 2 or more, or eval mode (running statistics)")
+    y, mean, invstd = torch.native_batch_norm(z, gamma, beta, running_mean, running_var, True,
+                                              0.0 if momentum is None else momentum, eps)
+    if z.dtype == invstd.dtype:
+        xhat = torch.addcmul(-mean * invstd, z, invstd, out=z)   # x̂ = (z - μ)/σ, in z's buffer
+    else:                                                        # 16-bit z under autocast: x̂ in float32
+        xhat = (at_least_float32(z) - mean).mul_(invstd)
+    return y, xhat, invstd
+
+
 def _graph_kept() -> bool:
     """Whether this backward runs with retain_graph=True (then the activations must stay for the next one)."""
     try:
@@ -139,13 +158,14 @@ def _graph_kept() -> bool:
 
 
 def mlp_stack(x: torch.Tensor, params, activation: str = "relu", negative_slope: float = 0.01,
-              batch_norm: bool = False, eps: float = 1e-5):
-    """The whole stack in one node; returns (logits, [mean₁, var₁, …] when batch_norm)."""
+              batch_norm: bool = False, eps: float = 1e-5, running=None) -> torch.Tensor:
+    """The whole stack in one node: the logits. With batch norm, `running` gives each hidden layer's
+    (running_mean, running_var, momentum), updated in place like nn.BatchNorm1d's."""
     if x.dim() != 2:
         raise ValueError(f"mlp_stack expects a (batch, features) input, got shape {tuple(x.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
     if len(params) < 2 or (len(params) - 2) % PER_HIDDEN:
         raise ValueError(f"params: {PER_HIDDEN} slots per hidden layer then W_out, b_out; got {len(params)}")
-    out, *stats = MLPStack.apply(x, (activation, negative_slope, batch_norm, eps), *params)
-    return out, stats
+    running = tuple(running) if running is not None else None
+    return MLPStack.apply(x, (activation, negative_slope, batch_norm, eps, running), *params)

@@ -106,18 +106,25 @@ class ManualMLP(nn.Module):
 
     def _stack_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same layers' parameters through one MLPStack node; running statistics updated as per layer."""
-        params, norms = [], []
-        n_hidden = sum(1 for name in self.layers._modules if name.startswith("fc"))
-        for i in range(1, n_hidden + 1):
-            fc, bn = self.layers._modules[f"fc{i}"], self.layers._modules.get(f"bn{i}")
-            params += [fc.weight, fc.bias, bn.weight if bn is not None else None, bn.bias if bn is not None else None]
-            norms.append(bn)
-        out_layer = self.layers._modules["out"]
-        params += [out_layer.weight, out_layer.bias]
-        eps = norms[0].eps if self.batch_norm else 1e-5
-        out, stats = mlp_stack(x, params, self.activation, self.negative_slope, self.batch_norm, eps)
-        for bn, mean, var in zip(norms, stats[::2], stats[1::2]):
-            bn.update_running_stats(mean, var, x.shape[0])
+        layers = self.layers._modules
+        params, running, eps = [], [], 1e-5
+        for i in range(1, len(layers)):
+            fc, bn = layers.get(f"fc{i}"), layers.get(f"bn{i}")
+            if fc is None:
+                break
+            if bn is None:
+                params += [fc.weight, fc.bias, None, None]
+                continue
+            params += [fc.weight, fc.bias, bn.weight, bn.bias]
+            eps = bn.eps
+            if self.training:
+                # momentum None: a cumulative average, as in nn.BatchNorm1d
+                momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
+                running.append((bn.running_mean, bn.running_var, momentum))
+        params += [layers["out"].weight, layers["out"].bias]
+        out = mlp_stack(x, params, self.activation, self.negative_slope, self.batch_norm, eps, running or None)
+        for i in range(1, len(running) + 1):
+            layers[f"bn{i}"].num_batches_tracked.add_(1)
         return out
 
 
