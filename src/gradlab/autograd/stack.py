@@ -78,7 +78,7 @@ class MLPStack(Function):
     @staticmethod
     @autocast_backward
     @once_differentiable
-    def backward(ctx, grad_out, *_grad_stats):
+    def backward(ctx, grad_out):
         activation, slope, batch_norm, _, _ = ctx.spec
         _, act_grad_ = ACTIVATIONS[activation]
         if ctx.kept is None:
@@ -115,7 +115,7 @@ class MLPStack(Function):
             # mask may overwrite it
             act_grad_(g, h, slope, free)
             del h
-            if batch_norm:                              # g ← ∂L/∂(pre-norm z), a new buffer
+            if batch_norm:                              # g ← ∂L/∂(pre-norm z), in g's buffer (float32: a new one)
                 xhat, invstd = bn
                 g, grad_gamma, grad_beta = batch_norm_train_backward(g, xhat, invstd, gamma, g_free=True)
                 del xhat, invstd, bn
