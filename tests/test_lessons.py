@@ -59,6 +59,57 @@ def test_lr_demo_small_crawls_good_drops_huge_diverges(tmp_path):
     assert_png(out)
 
 
+def first_two_batches_by_hand(samples: int, seed: int = 0, batch: int = 64):
+    """The lesson's data, initial weights and first two batches, rebuilt here; grads of the first batch."""
+    from gradlab.models.mlp import ManualMLP, classification_loss
+
+    x, y, num_classes = lesson_data(None, samples, seed)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, len(x), (batch,), generator=gen) for _ in range(2)]
+    torch.manual_seed(seed)
+    model = ManualMLP(x.shape[1], [64, 64], num_classes, "relu")
+    loss_fn = classification_loss(num_classes)
+    loss_fn(model(x[batches[0]]), y[batches[0]]).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+
+    def loss_after(update):
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), grads):
+                p -= update(g)
+            return loss_fn(model(x[batches[1]]), y[batches[1]]).item()
+
+    return grads, loss_after
+
+
+def test_lr_demo_optimizers_same_start_and_adams_first_step_by_hand(tmp_path):
+    out = tmp_path / "opt.png"
+    curves = load_script("lr_demo").main(["--optimizers", "sgd", "adam", "--lrs", "0.01", "--steps", "30",
+                                          "--samples", "512", "--out", str(out)])
+    assert list(curves) == ["sgd lr 0.01", "adam lr 0.01"]
+    sgd, adam = curves.values()
+    assert sgd["loss"][0] == adam["loss"][0]
+    # Adam's first step, bias-corrected: m̂ = g, v̂ = g², so each weight moves by lr·g/(|g| + eps)
+    _, loss_after = first_two_batches_by_hand(512)
+    assert adam["loss"][1] == pytest.approx(loss_after(lambda g: 0.01 * g / (g.abs() + 1e-8)), rel=1e-5)
+    assert sum(adam["loss"][-5:]) < sum(sgd["loss"][-5:])  # adaptive steps move faster at this small rate
+    assert_png(out)
+
+
+def test_lr_demo_clipping_scales_the_first_step_to_the_clip_norm(tmp_path):
+    out = tmp_path / "clip.png"
+    curves = load_script("lr_demo").main(["--lrs", "3", "--clip", "0.5", "--steps", "2", "--samples", "512",
+                                          "--out", str(out)])
+    assert list(curves) == ["lr 3", "lr 3, clip 0.5"]
+    plain, clipped = curves.values()
+    grads, loss_after = first_two_batches_by_hand(512)
+    norm = math.sqrt(sum(float(g.square().sum()) for g in grads))  # the total norm over all parameters
+    assert plain["grad_norm"][0] == clipped["grad_norm"][0] == pytest.approx(norm, rel=1e-5)
+    assert norm > 0.5  # so the clip is active: the step is scaled to length lr x 0.5
+    assert clipped["loss"][1] == pytest.approx(loss_after(lambda g: 3 * g * (0.5 / norm)), rel=1e-5)
+    assert plain["loss"][1] != pytest.approx(clipped["loss"][1], rel=1e-3)
+    assert_png(out)
+
+
 def test_lr_demo_plots_a_hydra_sweep_from_its_event_files(tmp_path):
     written = {"0": [1.1, 0.9, 0.7, 0.5], "1": [1.1, 2.0, 30.0, math.nan]}
     for job, losses in written.items():
