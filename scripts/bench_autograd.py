@@ -1,14 +1,16 @@
 """Manual backprop vs autograd: time and memory of one training step of the same MLP, same weights.
 
-    python scripts/bench_autograd.py                 # the README table (~1 min on one CPU core)
+    python scripts/bench_autograd.py                 # the README table (~2 min on one CPU core)
     python scripts/bench_autograd.py --reps 31 --threads 2
 
 Each row builds ManualMLP three times from one seed: backend=manual fused (the whole stack one
 hand-written Function, gradlab.autograd.stack, the default), backend=manual fused=False (one
 hand-written Function per layer) and backend=autograd (nn.Linear, nn.Sigmoid, …, nn.CrossEntropyLoss),
 and times forward + backward + SGD step. The three take turns round by round in the same process (the
-order rotates), and the table shows the median over rounds of the per-step time; ratios are to autograd. Time is this process's CPU time, not wall time: on a shared machine
-the wall clock also counts the time other processes hold the core, CPU time counts only our own work.
+order rotates), and the table shows the median over rounds of the per-step time; ratios are to autograd.
+The whole table is timed in several passes (--passes) and each ratio is given as the median of the passes
+with its range. Time is this process's CPU time, not wall time: on a shared machine the wall clock also
+counts the time other processes hold the core, CPU time counts only our own work.
 (With --threads 1 all work is on this thread; autograd runs CPU backward on the calling thread.)
 
 Memory, measured in a separate untimed step:
@@ -120,7 +122,10 @@ def time_steps(runs: dict, x, y, reps: int, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=15, help="timing rounds per backend (median reported)")
+    parser.add_argument("--reps", type=int, default=15, help="timing rounds per variant and pass (median taken)")
+    parser.add_argument("--passes", type=int, default=3,
+                        help="passes over the whole table (default 3): each row reports the median of the passes' "
+                             "ratios and their range, which shows how much a reading moves between runs")
     parser.add_argument("--steps", type=int, default=5, help="training steps per round")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -138,25 +143,40 @@ def main() -> None:
         ("784-512-256-10 relu + BN", [784, 512, 256, 10], "relu", True),
     ]
     print(f"float32, CPU, batch {args.batch}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
-          f"time = median of {args.reps} rounds x {args.steps} steps of CPU time per step")
-    header = (f"{'network':<26} {'fused ms':>8} {'layers ms':>9} {'autograd ms':>11} {'fused':>6} {'layers':>6}   "
-              f"{'kept MiB':>9} {'(autograd)':>10} {'ratio':>6}   {'peak MiB':>8} {'(autograd)':>10} {'ratio':>6}")
-    print(header)
-    print("-" * len(header))
+          f"time = CPU time per step, median of {args.reps} rounds x {args.steps} steps, in each of {args.passes} "
+          "passes over the table; ratios: median of the passes [lowest-highest]")
     mib = 2 ** 20
+    setups, mem = [], []
     for label, sizes, activation, batch_norm in cases:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(args.batch, sizes[0], generator=gen)
         y = torch.randint(0, sizes[-1], (args.batch,), generator=gen)
         runs = {v: build(v, sizes, activation, batch_norm) for v in VARIANTS}
-        mem = {v: memory_bytes(*runs[v], x, y) for v in VARIANTS}
-        saved = {v: kept / mib for v, (kept, _) in mem.items()}
-        peak = {v: top / mib for v, (_, top) in mem.items()}
-        ms = {v: t * 1e3 for v, t in time_steps(runs, x, y, args.reps, args.steps).items()}
+        setups.append((runs, x, y))
+        mem.append({v: memory_bytes(*runs[v], x, y) for v in VARIANTS})
+    times = [[] for _ in cases]  # per case, one {variant: seconds per step} per pass
+    for i in range(args.passes):  # pass-major: a slow spell of the machine hits every row alike
+        for case, (runs, x, y) in enumerate(setups):
+            times[case].append(time_steps(runs, x, y, args.reps, args.steps))
+        print(f"  pass {i + 1}/{args.passes} done", flush=True)
+
+    def ratio(case_times, variant):
+        r = sorted(t[variant] / t["autograd"] for t in case_times)
+        return f"{statistics.median(r):.2f}x [{r[0]:.2f}-{r[-1]:.2f}]"
+
+    header = (f"{'network':<26} {'fused ms':>8} {'layers ms':>9} {'autograd ms':>11}  {'fused/autograd':>19}  "
+              f"{'layers/autograd':>19}   {'kept MiB':>8} {'(autograd)':>10} {'ratio':>6}   "
+              f"{'peak MiB':>8} {'(autograd)':>10} {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    for (label, *_), case_times, m in zip(cases, times, mem):
+        ms = {v: statistics.median(t[v] for t in case_times) * 1e3 for v in VARIANTS}
+        kept = {v: k / mib for v, (k, _) in m.items()}
+        peak = {v: top / mib for v, (_, top) in m.items()}
         # Memory is reported for the fused default; the per-layer Functions keep the same tensors.
-        print(f"{label:<26} {ms['fused']:>8.2f} {ms['layers']:>9.2f} {ms['autograd']:>11.2f} "
-              f"{ms['fused'] / ms['autograd']:>5.2f}x {ms['layers'] / ms['autograd']:>5.2f}x   "
-              f"{saved['fused']:>9.2f} {saved['autograd']:>10.2f} {saved['fused'] / saved['autograd']:>5.2f}x   "
+        print(f"{label:<26} {ms['fused']:>8.2f} {ms['layers']:>9.2f} {ms['autograd']:>11.2f}  "
+              f"{ratio(case_times, 'fused'):>19}  {ratio(case_times, 'layers'):>19}   "
+              f"{kept['fused']:>8.2f} {kept['autograd']:>10.2f} {kept['fused'] / kept['autograd']:>5.2f}x   "
               f"{peak['fused']:>8.2f} {peak['autograd']:>10.2f} {peak['fused'] / peak['autograd']:>5.2f}x")
 
 
