@@ -27,8 +27,10 @@ class Dropout(nn.Dropout):
             return F.dropout(x, self.p, self.training, self.inplace)
         if self.p == 1.0:
             return x * 0.0
-        # keep with probability 1-p; kept values scaled by 1/(1-p) so the expectation is unchanged.
-        mask = torch.empty_like(x).uniform_().ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        # keep with probability 1-p; kept values scaled by 1/(1-p) so the expectation is unchanged. The
+        # uniform is drawn in at least float32: bfloat16's coarse grid would keep ~0.2% too few.
+        wide = x.dtype if x.element_size() >= 4 else torch.float32
+        mask = torch.empty_like(x, dtype=wide).uniform_().ge_(self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
         return x.mul_(mask) if self.inplace else x * mask
 
 
