@@ -49,6 +49,12 @@ def test_ddp_jobs_write_one_run_dir_one_set_of_logs_and_the_same_metrics(ddp_swe
         # events.out.tfevents.<time>.<host>.<pid>.<n>: every file from one process.
         assert len({e.name.rsplit(".", 2)[1] for e in events}) == 1 and len(events) >= 1
         assert len(list((sweep / job).rglob(".hydra"))) == 1 and len(list((sweep / job).rglob("*.ckpt"))) == 2
+        # each rank's RNG state is in the checkpoint, for resume to give back to that rank
+        ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)
+        (state,) = [v for k, v in ckpt["callbacks"].items() if "ResumeCheckpoint" in k]
+        per_rank = state["rng_per_rank"]
+        assert len(per_rank) == 2 and all(r["torch"].dtype == torch.uint8 for r in per_rank)
+        assert torch.equal(per_rank[0]["torch"], state["rng"]["torch"])  # rank 0's own, as saved before
 
 
 @pytest.mark.slow

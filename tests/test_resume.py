@@ -166,3 +166,26 @@ def test_sigusr1_is_noted_passed_on_and_its_handler_restored(tmp_path):
         assert signal.getsignal(signal.SIGUSR1) == before
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_each_rank_gets_its_own_rng_state_back():
+    from types import SimpleNamespace
+
+    from gradlab.callbacks.resume import ResumeCheckpoint, _rng_for_rank, _rng_state
+
+    states = []
+    for seed in (11, 22):
+        torch.manual_seed(seed)
+        states.append(_rng_state())
+    expected = [torch.rand(3, generator=torch.Generator().manual_seed(s)) for s in (11, 22)]
+    saved = {"rng": states[0], "rng_per_rank": states}
+    assert _rng_for_rank(saved, 2, 1) is states[1] and _rng_for_rank(saved, 2, 0) is states[0]
+    assert _rng_for_rank(saved, 4, 1) is None  # another world size: no stream to give back
+    assert _rng_for_rank({"rng": states[0]}, 1, 0) is states[0]  # a single-process checkpoint
+    assert _rng_for_rank({"rng": states[0]}, 2, 1) is None
+    for rank in (0, 1):
+        callback = ResumeCheckpoint(dirpath="unused")
+        callback.load_state_dict(saved)
+        torch.manual_seed(999)
+        callback.on_train_batch_start(SimpleNamespace(world_size=2, global_rank=rank), None, None, 0)
+        torch.testing.assert_close(torch.rand(3), expected[rank])  # the stream of that rank's seed

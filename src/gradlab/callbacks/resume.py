@@ -10,8 +10,9 @@ resumed from its last.ckpt ends with the same metrics as the run never interrupt
   - this callback stores the global RNG states (torch, CUDA, NumPy, Python) in every checkpoint and puts
     them back just before the first resumed batch, so dropout draws the same masks;
   - ClassifierModule keeps its accuracy counts and best val/acc in the checkpoint.
-Under DDP the RNG of rank 0 is saved and not restored (each rank's stream differs): training resumes at
-the right batch with the right weights, but dropout masks, hence the last digits, differ.
+Under DDP every rank's RNG state is gathered into the checkpoint (the streams differ as soon as anything
+draws differently per rank) and each rank gets its own back; resumed with another number of ranks, the streams start afresh (the data order and the
+weights still resume exactly).
 
 Checkpoints are written at the end of a training batch (never in the middle of one) and never at the
 last batch of an epoch: that one is written by ModelCheckpoint after validation.
@@ -116,18 +117,34 @@ class ResumeCheckpoint(Callback):
 
     # ---- RNG state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _rng_state()}
+        # Every rank takes part in saving a checkpoint (only rank 0 writes it), so under DDP the ranks' states
+        # are gathered here: a rank's stream (its dropout masks) may differ from rank 0's.
+        state = _rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            per_rank = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, state)
+            return {"rng": state, "rng_per_rank": per_rank}
+        return {"rng": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._rng_to_restore = state_dict.get("rng")
+        self._rng_to_restore = state_dict
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         # Here, not at load time: everything between load and the first step (the sanity check, building
         # iterators) must not see the restored stream, just as nothing used it in the uninterrupted run.
         if self._rng_to_restore is not None:
-            if trainer.world_size == 1:
-                _set_rng_state(self._rng_to_restore)
+            state = _rng_for_rank(self._rng_to_restore, trainer.world_size, trainer.global_rank)
+            if state is not None:
+                _set_rng_state(state)
             self._rng_to_restore = None
+
+
+def _rng_for_rank(saved: dict[str, Any], world_size: int, rank: int) -> Optional[dict[str, Any]]:
+    """This rank's saved RNG state; None when the checkpoint has none for it (saved with another world size)."""
+    per_rank = saved.get("rng_per_rank")
+    if per_rank is not None:
+        return per_rank[rank] if len(per_rank) == world_size else None
+    return saved.get("rng") if world_size == 1 else None
 
 
 def _rng_state() -> dict[str, Any]:
