@@ -1,12 +1,15 @@
 """The fused MLP stack (one hand-written Function for the whole network) against finite differences, the
 per-layer Functions and autograd: values, gradients, running statistics, memory, autocast, misuse."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradlab.autograd.stack import mlp_stack
+from gradlab.autograd.stack import _onednn_linear, mlp_stack
 from gradlab.models.mlp import ManualMLP, classification_loss
 from helpers import load_script
 
@@ -168,3 +171,85 @@ def test_cumulative_running_average_momentum_none_matches_torch():
         for k, v in all_nets[name].state_dict().items():
             torch.testing.assert_close(v, ref[k], rtol=1e-12, atol=1e-12, msg=f"{name} {k}")
     assert ref["layers.bn1.num_batches_tracked"].item() == 3
+
+
+# --- oneDNN kernels (float32 on CPU) ----------------------------------------------------------------
+
+
+class OpNames(TorchDispatchMode):
+    """The aten/mkldnn ops that run inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_onednn_is_available_on_this_cpu():
+    """The fast path must not silently vanish on x86 (where torch ships oneDNN): the probe accepts it."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"oneDNN's fused linear is probed only on x86 here ({platform.machine()})")
+    assert _onednn_linear() is not None
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_onednn_float32_as_accurate_as_autograd(activation, batch_norm):
+    """The oneDNN path (fused linear + activation forward, oneDNN matmuls in backward) against the float64
+    truth: its logits and every gradient within 4x the error of torch's own float32 autograd, plus a floor.
+    And it is the path taken: oneDNN's op runs, addmm/mm do not."""
+    if _onednn_linear() is None:
+        pytest.skip("this torch has no usable oneDNN linear: the addmm path is what runs (tested above)")
+    sizes, n = [40, 32, 24, 10], 48
+    params = stack_params(sizes, batch_norm, torch.float64, "cpu", seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, sizes[0], generator=g, dtype=torch.float64)
+    target = torch.randint(0, sizes[-1], (n,), generator=g)
+
+    def run(dtype, autograd, onednn=True):
+        p = [q.detach().to(dtype).requires_grad_() if q is not None else None for q in params]
+        xs = x.to(dtype)
+        with OpNames() as ops:
+            if autograd:
+                h = xs
+                for i in range(0, len(p) - 2, 4):
+                    w, b, gamma, beta = p[i:i + 4]
+                    h = F.linear(h, w, b)
+                    if batch_norm:
+                        h = F.batch_norm(h, None, None, gamma, beta, training=True)
+                    h = F.leaky_relu(h, 0.05) if activation == "leaky_relu" else getattr(torch, activation)(h)
+                logits = F.linear(h, *p[-2:])
+            else:
+                logits = mlp_stack(xs, p, activation, 0.05, batch_norm, onednn=onednn)
+            F.cross_entropy(logits, target).backward()
+        return [logits.detach()] + [q.grad for q in p if q is not None], ops.names
+
+    truth, _ = run(torch.float64, autograd=True)
+    reference, _ = run(torch.float32, autograd=True)
+    ours, names = run(torch.float32, autograd=False)
+    assert "mkldnn._linear_pointwise" in names and not names & {"aten.addmm", "aten.mm"}, names
+    plain, plain_names = run(torch.float32, autograd=False, onednn=False)
+    assert "mkldnn._linear_pointwise" not in plain_names and "aten.addmm" in plain_names
+    eps = torch.finfo(torch.float32).eps
+    for i, (a, b, c, t) in enumerate(zip(ours, plain, reference, truth, strict=True)):
+        err, ref_err = (a.double() - t).abs().max(), (c.double() - t).abs().max()
+        assert err <= 4 * ref_err + 16 * eps * t.abs().max(), (i, float(err), float(ref_err))
+        assert (b.double() - t).abs().max() <= 4 * ref_err + 16 * eps * t.abs().max(), i
+
+
+def test_onednn_takes_strided_inputs_and_manual_mlp_switch():
+    """A transposed (non-contiguous) input batch and ManualMLP(onednn=False/True): the same numbers."""
+    torch.manual_seed(0)
+    nets_ = [ManualMLP(12, [16, 8], 5, activation="tanh", onednn=flag) for flag in (True, False)]
+    nets_[1].load_state_dict(nets_[0].state_dict())
+    x = torch.randn(12, 30).t()                 # (30, 12), strides (1, 30)
+    y = torch.randint(0, 5, (30,))
+    criterion = classification_loss(5)
+    for net in nets_:
+        criterion(net(x), y).backward()
+    torch.testing.assert_close(nets_[0](x), nets_[1](x), rtol=1e-5, atol=1e-6)
+    for p, q in zip(nets_[0].parameters(), nets_[1].parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)

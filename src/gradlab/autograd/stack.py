@@ -12,6 +12,12 @@ NVIDIA apex's fused MLP), with the same derivative lines, and gains what a hand-
 * activations are freed layer by layer as backward passes them, as autograd frees its nodes' buffers;
 * batch norm's forward is torch's kernel (statistics, output and running averages in two passes, where the
   explicit forward of batchnorm.py takes six); its backward is the hand-written one of batchnorm.py;
+* on CPU in float32 its matmuls run on oneDNN (`torch.ops.mkldnn._linear_pointwise`, the fused kernel
+  torch.compile's CPU backend emits), with the activation fused into the forward matmul as a post-op:
+  linear → activation is one kernel, the activation computed while the output is still in cache. That op
+  has no derivative in autograd, so only a hand-written backward can use it in training. The backward's
+  matmuls go through the same op (∂W = gᵀ·h, ∂h = g·W). Elsewhere (float64, CUDA, autocast, a torch
+  without the op) and with `onednn=False` the matmuls are `torch.addmm`/`mm`, the activation in place;
 * it saves exactly what the per-layer Functions save: the input (if W₁ needs a gradient), each hidden
   output (read by the activation's derivative and the next layer's ∂W), the weights, and x̂, 1/σ for
   batch norm. Never more than autograd.
@@ -20,6 +26,8 @@ Backward is `once_differentiable` (it works in place on its own buffers); for se
 the network from the per-layer Functions (`ManualMLP(..., fused=False)`), whose backward is differentiable.
 `retain_graph=True` works as in autograd: the activations then stay for the next backward.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +46,41 @@ ACTIVATIONS = {
     "leaky_relu": (lambda z, slope: F.leaky_relu_(z, slope), leaky_relu_grad_),
 }
 PER_HIDDEN = 4  # parameter slots per hidden layer: W, b (None with batch norm), γ, β (None without)
+# activation: oneDNN post-op name, and whether it takes the slope as its scalar
+POST_OPS = {"sigmoid": ("sigmoid", False), "tanh": ("tanh", False), "relu": ("relu", False),
+            "leaky_relu": ("leaky_relu", True)}
+
+
+@functools.cache
+def _onednn_linear():
+    """torch.ops.mkldnn._linear_pointwise (y = act(x·Wᵀ + b)), or None where this torch lacks it.
+
+    A private op (the one torch.compile's CPU backend uses for linear + pointwise), so it is probed once:
+    it must exist and agree with addmm on a small case; anything else falls back to addmm.
+    """
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        if not torch.backends.mkldnn.is_available():
+            return None
+        x, w, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(4)
+        ok = torch.allclose(op(x, w, b, "tanh", [], ""), torch.addmm(b, x, w.t()).tanh(), atol=1e-5)
+        g = torch.randn(3, 4)                                      # transposed operands, as backward passes them
+        ok &= torch.allclose(op(g.t(), x.t(), None, "none", [], ""), g.t().mm(x), atol=1e-5)
+        return op if ok else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _use_onednn(requested: bool, x: torch.Tensor, params) -> bool:
+    if not (requested and x.device.type == "cpu" and x.dtype == torch.float32) or torch.is_autocast_enabled("cpu"):
+        return False
+    if any(p is not None and p.dtype != torch.float32 for p in params):
+        return False
+    return _onednn_linear() is not None
 
 
 class MLPStack(Function):
-    """apply(x, (activation, negative_slope, batch_norm, eps, running), *params) -> logits.
+    """apply(x, (activation, negative_slope, batch_norm, eps, running, onednn), *params) -> logits.
 
     params: for each hidden layer W (out, in), b, γ, β (b None with batch norm; γ, β None without),
     then W_out, b_out. running: with batch norm, per hidden layer (running_mean, running_var, momentum)
@@ -51,8 +90,11 @@ class MLPStack(Function):
     @staticmethod
     @autocast_forward
     def forward(ctx, x, spec, *params):
-        activation, slope, batch_norm, eps, running = spec
+        activation, slope, batch_norm, eps, running, onednn = spec
         act_, _ = ACTIVATIONS[activation]
+        dnn = _onednn_linear() if _use_onednn(onednn, x, params) else None
+        post_op, takes_slope = POST_OPS[activation]
+        scalars = [slope] if takes_slope else []
         hidden = [params[i:i + PER_HIDDEN] for i in range(0, len(params) - 2, PER_HIDDEN)]
         w_out, b_out = params[-2:]
         # Kept for backward: x (only if the first W needs a gradient) and the weights through
@@ -62,25 +104,30 @@ class MLPStack(Function):
         # read by its derivative and by the next layer's ∂W.
         h, kept = x, []
         for i, (w, b, gamma, beta) in enumerate(hidden):
-            # z = h·Wᵀ + b (B, out): the bias add fused into the matmul
-            z = torch.addmm(b, h, w.t()) if b is not None else h.mm(w.t())
             layer = []
+            if dnn is not None and not batch_norm:
+                h = dnn(h, w, b, post_op, scalars, "")  # h = act(h·Wᵀ + b) (B, out), one kernel
+                kept.append((h,))
+                continue
+            # z = h·Wᵀ + b (B, out): the bias add fused into the matmul
+            z = _linear(dnn, h, w, b)
             if batch_norm:
                 z, xhat, invstd = _batch_norm_forward(z, gamma, beta, eps, *(running[i] if running else (None,) * 3))
                 layer += [xhat, invstd]
             h = act_(z, slope)                          # in place: z is ours alone
             kept.append((*layer, h))
-        out = torch.addmm(b_out, h, w_out.t()) if b_out is not None else h.mm(w_out.t())
+        out = _linear(dnn, h, w_out, b_out)
         ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, *params)
-        ctx.spec, ctx.kept = spec, kept
+        ctx.spec, ctx.kept, ctx.dnn = spec, kept, dnn
         return out
 
     @staticmethod
     @autocast_backward
     @once_differentiable
     def backward(ctx, grad_out):
-        activation, slope, batch_norm, _, _ = ctx.spec
+        activation, slope, batch_norm, *_ = ctx.spec
         _, act_grad_ = ACTIVATIONS[activation]
+        dnn = ctx.dnn
         if ctx.kept is None:
             raise RuntimeError("Trying to backward through MLPStack a second time, but its activations were freed "
                                "by the first backward. Specify retain_graph=True the first time, or build the net "
@@ -99,13 +146,14 @@ class MLPStack(Function):
         # Output layer: y = h·W_outᵀ + b_out, with g = ∂L/∂y (B, C)
         n = len(kept)
         g, w_out = grad_out, params[-2]
-        if need[-2]:
-            grads[-2] = g.t().mm(layer_input(n))        # ∂y/∂W = h: (C, B)·(B, H) = (C, H)
+        # (each bias gradient is summed first, while g is still in cache from the pass that wrote it)
         if need[-1]:
             grads[-1] = g.sum(0)                        # ∂y/∂b = 1, summed over the batch: (C,)
+        if need[-2]:
+            grads[-2] = _grad_weight(dnn, g, layer_input(n))  # ∂y/∂W = h: (C, B)·(B, H) = (C, H)
         if n == 0 and not need_x:
             return (None, None, *grads)
-        g = g.mm(w_out)                                 # ∂y/∂h = W_out: (B, C)·(C, H) = (B, H), a new buffer
+        g = _grad_input(dnn, g, w_out)                  # ∂y/∂h = W_out: (B, C)·(C, H) = (B, H), a new buffer
 
         for i in reversed(range(n)):
             *bn, h = kept.pop()                         # this layer's activations, freed after this iteration
@@ -121,13 +169,30 @@ class MLPStack(Function):
                 del xhat, invstd, bn
                 grads[slot + 2] = grad_gamma if need[slot + 2] else None
                 grads[slot + 3] = grad_beta if need[slot + 3] else None
-            if need[slot]:
-                grads[slot] = g.t().mm(layer_input(i))  # ∂z/∂W = h_in: (out, B)·(B, in) = (out, in)
             if need[slot + 1]:
                 grads[slot + 1] = g.sum(0)              # ∂z/∂b = 1: (out,)
+            if need[slot]:
+                grads[slot] = _grad_weight(dnn, g, layer_input(i))  # ∂z/∂W = h_in: (out, B)·(B, in) = (out, in)
             if i > 0 or need_x:
-                g = g.mm(w)                             # ∂z/∂h_in = W: (B, out)·(out, in) = (B, in)
+                g = _grad_input(dnn, g, w)              # ∂z/∂h_in = W: (B, out)·(out, in) = (B, in)
         return (g if need_x else None, None, *grads)
+
+
+def _linear(dnn, h, w, b):
+    """h·Wᵀ + b: (B, in)·(in, out) = (B, out)."""
+    if dnn is not None:
+        return dnn(h, w, b, "none", [], "")
+    return torch.addmm(b, h, w.t()) if b is not None else h.mm(w.t())
+
+
+def _grad_weight(dnn, g, h_in):
+    """gᵀ·h_in: (out, B)·(B, in) = (out, in)."""
+    return dnn(g.t(), h_in.t(), None, "none", [], "") if dnn is not None else g.t().mm(h_in)
+
+
+def _grad_input(dnn, g, w):
+    """g·W: (B, out)·(out, in) = (B, in)."""
+    return dnn(g, w.t(), None, "none", [], "") if dnn is not None else g.mm(w)
 
 
 def _batch_norm_forward(z, gamma, beta, eps, running_mean, running_var, momentum):
@@ -158,9 +223,10 @@ def _graph_kept() -> bool:
 
 
 def mlp_stack(x: torch.Tensor, params, activation: str = "relu", negative_slope: float = 0.01,
-              batch_norm: bool = False, eps: float = 1e-5, running=None) -> torch.Tensor:
+              batch_norm: bool = False, eps: float = 1e-5, running=None, onednn: bool = True) -> torch.Tensor:
     """The whole stack in one node: the logits. With batch norm, `running` gives each hidden layer's
-    (running_mean, running_var, momentum), updated in place like nn.BatchNorm1d's."""
+    (running_mean, running_var, momentum), updated in place like nn.BatchNorm1d's. onednn: use oneDNN's
+    fused linear + activation where it applies (float32 on CPU, see the module docstring)."""
     if x.dim() != 2:
         raise ValueError(f"mlp_stack expects a (batch, features) input, got shape {tuple(x.shape)}")
     if activation not in ACTIVATIONS:
@@ -168,4 +234,4 @@ def mlp_stack(x: torch.Tensor, params, activation: str = "relu", negative_slope:
     if len(params) < 2 or (len(params) - 2) % PER_HIDDEN:
         raise ValueError(f"params: {PER_HIDDEN} slots per hidden layer then W_out, b_out; got {len(params)}")
     running = tuple(running) if running is not None else None
-    return MLPStack.apply(x, (activation, negative_slope, batch_norm, eps, running), *params)
+    return MLPStack.apply(x, (activation, negative_slope, batch_norm, eps, running, onednn), *params)

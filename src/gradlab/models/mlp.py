@@ -4,6 +4,7 @@
     python train.py model=mlp model.activation=tanh model.hidden=[512,256] model.batch_norm=true
     python train.py model=mlp model.backend=autograd            # the same network from nn.Linear & co.
     python train.py model=mlp model.fused=false                 # one hand-written Function per layer
+    python train.py model=mlp model.onednn=false                # fused, but torch's addmm/mm kernels
     python train.py experiment=toy_xor                          # the textbook 3-4-2 sigmoid net, seconds
 
 Both backends build the same layers with the same parameter names, shapes and init, so a state_dict
@@ -47,12 +48,13 @@ class ManualMLP(nn.Module):
     backend="manual" runs the hand-written backward; with `fused=True` (default) the whole stack is one
     autograd node (gradlab.autograd.stack.MLPStack: the fastest), with `fused=False` each layer is its
     own Function as in the textbook (use it for second derivatives). Eval with batch norm, and forward
-    under torch.compile, always run per layer.
+    under torch.compile, always run per layer. `onednn=True` (default) lets the fused stack run its
+    matmuls, with the activation fused in, on oneDNN in float32 on CPU (see gradlab.autograd.stack).
     """
 
     def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, activation: str = "relu",
                  batch_norm: bool = False, backend: str = "manual", negative_slope: float = 0.01,
-                 fused: bool = True):
+                 fused: bool = True, onednn: bool = True):
         super().__init__()
         _check_choice("activation", activation, ACTIVATIONS)
         _check_choice("backend", backend, BACKENDS)
@@ -63,6 +65,7 @@ class ManualMLP(nn.Module):
         self.activation, self.backend, self.num_classes = activation, backend, num_classes
         self.batch_norm, self.negative_slope = batch_norm, negative_slope
         self.fused = fused and backend == "manual"
+        self.onednn = onednn
         is_manual = backend == "manual"
         Linear = manual.Linear if is_manual else nn.Linear
         BatchNorm = manual.BatchNorm1d if is_manual else nn.BatchNorm1d
@@ -122,7 +125,8 @@ class ManualMLP(nn.Module):
                 momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
                 running.append((bn.running_mean, bn.running_var, momentum))
         params += [layers["out"].weight, layers["out"].bias]
-        out = mlp_stack(x, params, self.activation, self.negative_slope, self.batch_norm, eps, running or None)
+        out = mlp_stack(x, params, self.activation, self.negative_slope, self.batch_norm, eps, running or None,
+                        onednn=self.onednn)
         for i in range(1, len(running) + 1):
             layers[f"bn{i}"].num_batches_tracked.add_(1)
         return out
