@@ -52,15 +52,13 @@ def batch_norm_train_backward(grad_y, xhat, invstd, weight, need_x: bool = True,
     if need_x:
         # x reaches x̂ directly and through the batch mean and variance; the three paths sum to
         # ∂L/∂x = γ/(Bσ) · (B·g - Σ_b g - x̂·Σ_b g·x̂)
-        # where Σ_b g = grad_bias and Σ_b g·x̂ = grad_weight.
-        # Built in one (B, H) buffer.
+        # where Σ_b g = grad_bias and Σ_b g·x̂ = grad_weight. Per feature that is a·g + d + c·x̂ with
+        # a = γ/σ, d = -a·Σg/B, c = -a·Σg·x̂/B (H,): two passes over (B, H), in g's buffer if it is ours.
         batch = g.shape[0]
-        scale = weight * invstd / batch
-        if g_free and g is grad_y:
-            grad_x = g.mul_(batch).sub_(grad_bias).addcmul_(xhat, grad_weight, value=-1).mul_(scale)
-        else:
-            grad_x = xhat * grad_weight.neg()
-            grad_x.add_(g, alpha=batch).sub_(grad_bias).mul_(scale)
+        a = weight * invstd
+        d, c = a * grad_bias / -batch, a * grad_weight / -batch
+        out = g if g_free and g is grad_y else None
+        grad_x = torch.addcmul(d, g, a, out=out).addcmul_(xhat, c)
     return grad_x, grad_weight, grad_bias
 
 

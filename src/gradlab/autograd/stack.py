@@ -16,7 +16,9 @@ NVIDIA apex's fused MLP), with the same derivative lines, and gains what a hand-
   torch.compile's CPU backend emits), with the activation fused into the forward matmul as a post-op:
   linear → activation is one kernel, the activation computed while the output is still in cache. That op
   has no derivative in autograd, so only a hand-written backward can use it in training. The backward's
-  matmuls go through the same op (∂W = gᵀ·h, ∂h = g·W). Elsewhere (float64, CUDA, autocast, a torch
+  ∂h = g·W goes through the same op (∂W = gᵀ·h stays on MKL: oneDNN would first copy gᵀ). Only matmuls of
+  ONEDNN_MIN_MACS multiply-adds or more take this path (below, the op's set-up costs more than it saves).
+  Elsewhere (float64, CUDA, autocast, a torch
   without the op) and with `onednn=False` the matmuls are `torch.addmm`/`mm`, the activation in place;
 * it saves exactly what the per-layer Functions save: the input (if W₁ needs a gradient), each hidden
   output (read by the activation's derivative and the next layer's ∂W), the weights, and x̂, 1/σ for
@@ -71,6 +73,11 @@ def _onednn_linear():
         return None
 
 
+# oneDNN's op costs ~13 µs more per call than MKL's GEMM behind addmm/mm (the primitive's set-up), and
+# wins 5-10% on the GEMM itself: it is used from this many multiply-adds (B·out·in) on, ~256x256x128.
+ONEDNN_MIN_MACS = 1 << 23
+
+
 def _use_onednn(requested: bool, x: torch.Tensor, params) -> bool:
     if not (requested and x.device.type == "cpu" and x.dtype == torch.float32) or torch.is_autocast_enabled("cpu"):
         return False
@@ -105,7 +112,7 @@ class MLPStack(Function):
         h, kept = x, []
         for i, (w, b, gamma, beta) in enumerate(hidden):
             layer = []
-            if dnn is not None and not batch_norm:
+            if dnn is not None and not batch_norm and _big(h, w):
                 h = dnn(h, w, b, post_op, scalars, "")  # h = act(h·Wᵀ + b) (B, out), one kernel
                 kept.append((h,))
                 continue
@@ -178,21 +185,27 @@ class MLPStack(Function):
         return (g if need_x else None, None, *grads)
 
 
+def _big(a, w) -> bool:
+    """Whether a (B, k) by W (n, k) matmul is large enough for oneDNN to pay off."""
+    return a.shape[0] * w.shape[0] * w.shape[1] >= ONEDNN_MIN_MACS
+
+
 def _linear(dnn, h, w, b):
     """h·Wᵀ + b: (B, in)·(in, out) = (B, out)."""
-    if dnn is not None:
+    if dnn is not None and _big(h, w):
         return dnn(h, w, b, "none", [], "")
     return torch.addmm(b, h, w.t()) if b is not None else h.mm(w.t())
 
 
 def _grad_weight(dnn, g, h_in):
-    """gᵀ·h_in: (out, B)·(B, in) = (out, in)."""
-    return dnn(g.t(), h_in.t(), None, "none", [], "") if dnn is not None else g.t().mm(h_in)
+    """gᵀ·h_in: (out, B)·(B, in) = (out, in). Always MKL's GEMM: oneDNN's op wants its first operand
+    contiguous, and copying gᵀ costs what its faster kernel saves."""
+    return g.t().mm(h_in)
 
 
 def _grad_input(dnn, g, w):
     """g·W: (B, out)·(out, in) = (B, in)."""
-    return dnn(g, w.t(), None, "none", [], "") if dnn is not None else g.mm(w)
+    return dnn(g, w.t(), None, "none", [], "") if dnn is not None and _big(g, w) else g.mm(w)
 
 
 def _batch_norm_forward(z, gamma, beta, eps, running_mean, running_var, momentum):
