@@ -197,9 +197,11 @@ def test_onednn_is_available_on_this_cpu():
     assert _onednn_linear() is not None
 
 
-@pytest.mark.parametrize("batch_norm", [False, True])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_onednn_float32_as_accurate_as_autograd(activation, batch_norm, monkeypatch):
+@pytest.mark.parametrize("activation, batch_norm, sizes", [
+    *[(a, bn, [40, 32, 24, 10]) for a in ACTIVATIONS for bn in (False, True)],
+    ("relu", False, [512, 24, 10]),  # 512 inputs: ∂W on oneDNN too
+])
+def test_onednn_float32_as_accurate_as_autograd(activation, batch_norm, sizes, monkeypatch):
     """The oneDNN path (fused linear + activation forward, oneDNN's ∂h = g·W in backward) against the
     float64 truth: logits and every gradient within 4x the error of torch's own float32 autograd, plus a
     floor. And it is the path taken: oneDNN's op runs, addmm does not (these matmuls are small, so the
@@ -207,7 +209,7 @@ def test_onednn_float32_as_accurate_as_autograd(activation, batch_norm, monkeypa
     if _onednn_linear() is None:
         pytest.skip("this torch has no usable oneDNN linear: the addmm path is what runs (tested above)")
     monkeypatch.setattr(stack, "ONEDNN_MIN_MACS", 0)
-    sizes, n = [40, 32, 24, 10], 48
+    n = 48
     params = stack_params(sizes, batch_norm, torch.float64, "cpu", seed=3)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(n, sizes[0], generator=g, dtype=torch.float64)

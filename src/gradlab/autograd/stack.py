@@ -16,7 +16,8 @@ NVIDIA apex's fused MLP), with the same derivative lines, and gains what a hand-
   torch.compile's CPU backend emits), with the activation fused into the forward matmul as a post-op:
   linear → activation is one kernel, the activation computed while the output is still in cache. That op
   has no derivative in autograd, so only a hand-written backward can use it in training. The backward's
-  ∂h = g·W goes through the same op (∂W = gᵀ·h stays on MKL: oneDNN would first copy gᵀ). Only matmuls of
+  ∂h = g·W goes through the same op, and ∂W = gᵀ·h where a layer has 512 inputs or more (oneDNN first
+  copies gᵀ, which the faster GEMM repays only for wide inputs). Only matmuls of
   ONEDNN_MIN_MACS multiply-adds or more take this path (below, the op's set-up costs more than it saves).
   Elsewhere (float64, CUDA, autocast, a torch
   without the op) and with `onednn=False` the matmuls are `torch.addmm`/`mm`, the activation in place;
@@ -198,8 +199,10 @@ def _linear(dnn, h, w, b):
 
 
 def _grad_weight(dnn, g, h_in):
-    """gᵀ·h_in: (out, B)·(B, in) = (out, in). Always MKL's GEMM: oneDNN's op wants its first operand
-    contiguous, and copying gᵀ costs what its faster kernel saves."""
+    """gᵀ·h_in: (out, B)·(B, in) = (out, in). oneDNN's op first copies gᵀ (B·out values): its faster GEMM
+    (B·out·in multiply-adds) pays for that copy only from ~512 inputs on; below, MKL's GEMM."""
+    if dnn is not None and h_in.shape[1] >= 512 and g.shape[0] * g.shape[1] * h_in.shape[1] >= ONEDNN_MIN_MACS:
+        return dnn(g.t(), h_in.t(), None, "none", [], "")
     return g.t().mm(h_in)
 
 
