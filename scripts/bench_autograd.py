@@ -1,6 +1,6 @@
 """Manual backprop vs autograd: time and memory of one training step of the same MLP, same weights.
 
-    python scripts/bench_autograd.py                 # the README table (~2 min on one CPU core)
+    python scripts/bench_autograd.py --passes 5      # the README table (~12 min on one CPU core)
     python scripts/bench_autograd.py --reps 31 --threads 2
 
 Each row builds ManualMLP four times from one seed: backend=manual fused (the whole stack one
