@@ -3,7 +3,7 @@
     python train.py                                    # MNIST CNN, 5 epochs
     python train.py experiment=mnist_cnn               # the recommended MNIST recipe
     python train.py -m optimizer=sgd,adam optimizer.lr=0.1,0.01   # a sweep
-    python train.py trainer=debug                      # one batch of everything, in seconds
+    python train.py debug=fdr                          # one batch of everything, in seconds
 
 The config is composed from conf/ (see conf/train.yaml); every run writes its config, TensorBoard events,
 checkpoints and metrics.json into its own folder under logs/.

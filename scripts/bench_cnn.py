@@ -101,7 +101,7 @@ def run_worker(kind: str, args, tmp: str, i: int) -> dict:
         cmd = [sys.executable, str(ROOT / "train.py"), "experiment=mnist_cnn", *extra, f"paths.data_dir={args.data}",
                f"paths.root_dir={tmp}", "data.download=false", f"data.val_size={args.val_size}",
                f"trainer.max_steps={args.steps}", "trainer.limit_val_batches=0", "test=false",
-               "callbacks.progress_bar.enabled=false", "callbacks.model_summary.enabled=false",
+               "callbacks.progress_bar=null", "callbacks.model_summary=null",
                f"+callbacks.timer={{_target_:bench_timer.StepTimer,out:{out},warmup:{args.warmup}}}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

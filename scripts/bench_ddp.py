@@ -40,7 +40,7 @@ def run(name: str, args, root: Path) -> float:
            f"paths.data_dir={args.data}", f"paths.root_dir={root}", "data.download=false", "data.val_size=100",
            f"data.batch_size={args.batch_size}", f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
            "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1", "test=false",
-           *(f"callbacks.{name}.enabled=false" for name in
+           *(f"callbacks.{name}=null" for name in
              ("progress_bar", "model_summary", "model_checkpoint", "lr_monitor", "grad_norm"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

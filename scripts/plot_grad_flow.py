@@ -64,7 +64,7 @@ def plot(scalars: dict[str, Series], out: Path, title: str, weights_only: bool =
               if t.startswith("grad_norm/") and t not in TOTALS and (not weights_only or t.endswith("weight"))}
     if not layers:
         raise UserError("The run has no per-layer grad_norm/* scalars: was it trained with the gradient "
-                        "callback on (callbacks.grad_norm.enabled=true, the default)?")
+                        "callback on (callbacks.grad_norm, on by default)?")
     ratios = {name: scalars[f"update_ratio/{name}"] for name in layers if f"update_ratio/{name}" in scalars}
 
     heat_h = max(1.6, 0.2 * len(layers))

@@ -13,6 +13,14 @@ os.environ.update(ONE_THREAD)
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """Tests parametrized on the CUDA device get the `cuda` marker: `pytest -m cuda` runs exactly the GPU checks."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(str(value) == "cuda" or getattr(value, "type", None) == "cuda" for value in params.values()):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture
 def one_thread():
     before = torch.get_num_threads()

@@ -62,8 +62,8 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: int = 240, env: dict | 
 def tiny_mnist_args(data_root: Path, out: Path) -> list[str]:
     """Overrides for a fast real run on the tiny IDX data."""
     return [f"paths.data_dir={data_root}", f"paths.root_dir={out}", "data.val_size=40",
-            "data.download=false", "data.batch_size=32", "callbacks.progress_bar.enabled=false",
-            "callbacks.model_summary.enabled=false"]
+            "data.download=false", "data.batch_size=32", "callbacks.progress_bar=null",
+            "callbacks.model_summary=null"]
 
 
 POSITIVE = ["great", "wonderful", "superb", "loved", "brilliant", "moving"]

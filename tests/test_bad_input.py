@@ -22,7 +22,7 @@ from helpers import ROOT, fake_digits, run_cli, tiny_mnist_args, write_idx, writ
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-QUIET = ["callbacks.grad_norm.enabled=false", "logger=csv"]
+QUIET = ["callbacks.grad_norm=null", "logger=csv"]
 
 
 def config(name: str, overrides: list[str], output_dir: Path):
@@ -105,7 +105,7 @@ def run_copy(cnn_run, tmp_path):
 
 def test_resuming_with_another_model_names_the_mismatch(run_copy, mnist_root, tmp_path, capsys):
     args = [*train_args(mnist_root, tmp_path, val_size=40), f"ckpt_path={run_copy / 'checkpoints' / 'last.ckpt'}",
-            "model.net.hidden=64"]
+            "model.hidden=64"]
     err = fails("gradlab.train", config("train", args, tmp_path / "new"), capsys)
     assert "does not fit this model" in err
     assert "net.fc1.weight: (128, 9216) in the checkpoint, (64, 9216) here" in err
@@ -227,9 +227,9 @@ def test_damaged_aclimdb_tree(tmp_path, capsys, damage, expected):
 
     root = write_aclimdb(tmp_path / "data", n_train=10, n_test=4)
     damage(root / "aclImdb")
-    args = ["model=rnn", f"paths.data_dir={root}", f"paths.root_dir={tmp_path}", "data.download=false",
+    args = ["model=rnn", "data=imdb", f"paths.data_dir={root}", f"paths.root_dir={tmp_path}", "data.download=false",
             "data.val_size=4", "data.batch_size=8", "data.max_vocab_size=100", *QUIET,
-            "callbacks.progress_bar.enabled=false", "callbacks.model_summary.enabled=false"]
+            "callbacks.progress_bar=null", "callbacks.model_summary=null"]
     err = fails("gradlab.train", config("train", args, tmp_path / "out"), capsys)
     assert expected in err
     assert not list((tmp_path / "out").rglob("*.ckpt"))
@@ -237,7 +237,7 @@ def test_damaged_aclimdb_tree(tmp_path, capsys, damage, expected):
 
 def test_user_error_raised_inside_a_constructor_is_one_message(tmp_path):
     """Hydra's instantiate wraps a data module's own UserError; the user still gets just that message."""
-    proc = run_cli("train.py", "data=toy", "data.task=moons", "model=mlp", "trainer=debug",
+    proc = run_cli("train.py", "data=toy", "data.task=moons", "model=mlp", "debug=fdr",
                    f"paths.root_dir={tmp_path}", cwd=tmp_path, env=ONE_THREAD)
     assert proc.returncode == 2
     assert "data.input_dim=2" in proc.stderr

@@ -33,7 +33,9 @@ def compose_with(overrides: list[str], tmp_path: Path):
 def test_every_option_instantiates(group, tmp_path):
     assert options(group), f"conf/{group} has no options"
     for option in options(group):
-        cfg = compose_with([f"{group}={option}"], tmp_path)
+        # model=rnn reads token ids: it comes with its data (the experiment=imdb_* recipes pair them the same way)
+        pair = {"model=rnn": ["data=imdb"], "data=imdb": ["model=rnn"]}.get(f"{group}={option}", [])
+        cfg = compose_with([f"{group}={option}", *pair], tmp_path)
         datamodule = instantiate(cfg.data)
         module = build_module(cfg)
         optimizer = module.optimizer_factory(params=module.parameters())
@@ -74,7 +76,7 @@ def test_callbacks_can_be_switched_off(tmp_path):
     def trainer_callbacks(trainer):
         return {type(c) for c in trainer.callbacks}
 
-    cfg = compose_with(["callbacks.progress_bar.enabled=false", "callbacks.model_summary.enabled=false"], tmp_path)
+    cfg = compose_with(["callbacks.progress_bar=null", "callbacks.model_summary=null"], tmp_path)
     names = {type(c).__name__ for c in instantiate_group(cfg.callbacks)}
     assert "RichProgressBar" not in names and "ModelCheckpoint" in names
     trainer = build_trainer(cfg, instantiate_group(cfg.callbacks), [])
@@ -85,5 +87,38 @@ def test_callbacks_can_be_switched_off(tmp_path):
     trainer = build_trainer(cfg, instantiate_group(cfg.callbacks), [])
     assert isinstance(trainer.progress_bar_callback, RichProgressBar)
     assert RichModelSummary in trainer_callbacks(trainer)
-    cfg = compose_with(["callbacks.early_stopping.enabled=true"], tmp_path)
+    assert "EarlyStopping" not in {type(c).__name__ for c in instantiate_group(cfg.callbacks)}
+    cfg = compose_with(["callbacks=[default,early_stopping]"], tmp_path)
     assert "EarlyStopping" in {type(c).__name__ for c in instantiate_group(cfg.callbacks)}
+
+
+def test_every_target_node_instantiates_with_plain_hydra(tmp_path):
+    """No gradlab-only switch (`enabled`, `interval`) inside a `_target_` node: hydra.utils.instantiate builds each."""
+    from hydra.utils import instantiate
+
+    cfg = compose_with(["callbacks=[default,early_stopping]", "scheduler=onecycle", "logger=csv"], tmp_path)
+    for group in ("callbacks", "logger"):
+        for name, node in cfg[group].items():
+            assert type(instantiate(node)).__name__, name
+    optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(2))])
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer, total_steps=10)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and cfg.scheduler_interval == "step"
+
+
+def test_optional_local_config_is_merged_last(tmp_path):
+    """conf/local/default.yaml (machine-specific, never committed) wins over the defaults; the command line over it."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "local").mkdir(exist_ok=True)
+    (conf / "local" / "default.yaml").write_text("# @package _global_\npaths:\n  data_dir: /datasets\n"
+                                                 "data:\n  batch_size: 128\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["data.batch_size=32"])
+        assert cfg.paths.data_dir == "/datasets" and cfg.data.batch_size == 32
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):  # the repository's own: no local file, no change
+        if not (CONF / "local" / "default.yaml").exists():
+            assert compose("train").paths.data_dir.endswith("/data")

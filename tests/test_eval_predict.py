@@ -104,10 +104,10 @@ def rnn_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("rnn")
     root = write_aclimdb(tmp / "data", n_train=30, n_test=6)
-    args = ["model=rnn", f"paths.data_dir={root}", f"paths.root_dir={tmp}", "data.download=false", "data.val_size=10",
+    args = ["model=rnn", "data=imdb", f"paths.data_dir={root}", f"paths.root_dir={tmp}", "data.download=false", "data.val_size=10",
             "data.batch_size=16", "data.max_vocab_size=200", "data.min_freq=1", "trainer.max_epochs=2", "logger=csv",
-            "callbacks.grad_norm.enabled=false", "callbacks.progress_bar.enabled=false",
-            "callbacks.model_summary.enabled=false"]
+            "callbacks.grad_norm=null", "callbacks.progress_bar=null",
+            "callbacks.model_summary=null"]
     in_process("train", args, tmp / "out")
     return root, json.loads((tmp / "out" / "metrics.json").read_text())["best_checkpoint"]
 

@@ -291,15 +291,21 @@ def test_plot_script_reports_a_run_without_events(tmp_path):
 
 @pytest.fixture(scope="module")
 def mlp_and_rnn_sweep(tmp_path_factory):
-    """model=mlp on tiny MNIST and model=rnn on a tiny aclImdb tree, as the two jobs of one multirun."""
+    """model=mlp on tiny MNIST and model=rnn on a tiny aclImdb tree, as the two jobs of one multirun: two experiment
+    files of the user's own (found through hydra.searchpath), each choosing its model and data."""
     from helpers import write_aclimdb, write_mnist
 
     out = tmp_path_factory.mktemp("sweep")
     data = write_aclimdb(write_mnist(out / "data"))
-    proc = run_cli("train.py", "-m", "model=mlp,rnn", f"paths.data_dir={data}", f"paths.root_dir={out}",
+    (out / "conf" / "experiment").mkdir(parents=True)
+    for model, data_group in (("mlp", "mnist"), ("rnn", "imdb")):
+        (out / "conf" / "experiment" / f"tiny_{model}.yaml").write_text(
+            f"# @package _global_\ndefaults:\n  - override /data: {data_group}\n  - override /model: {model}\n")
+    proc = run_cli("train.py", "-m", "experiment=tiny_mlp,tiny_rnn", f"hydra.searchpath=[file://{out / 'conf'}]",
+                   f"paths.data_dir={data}", f"paths.root_dir={out}",
                    "data.download=false", "data.val_size=20", "data.batch_size=16", "trainer.max_steps=3",
                    "trainer.limit_val_batches=1", "test=false", "callbacks.grad_norm.log_every_n_steps=1",
-                   "callbacks.progress_bar.enabled=false", "callbacks.model_summary.enabled=false", cwd=out)
+                   "callbacks.progress_bar=null", "callbacks.model_summary=null", cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (out / "logs" / "train" / "multiruns").iterdir()
     return sweep

@@ -197,11 +197,11 @@ def test_root_may_be_the_aclimdb_folder_itself(imdb_root, tmp_path):
 
 def cli_args(data_root: Path, out: Path) -> list[str]:
     return [f"paths.data_dir={data_root}", f"paths.root_dir={out}", "data.download=false",
-            "callbacks.progress_bar.enabled=false", "callbacks.model_summary.enabled=false"]
+            "callbacks.progress_bar=null", "callbacks.model_summary=null"]
 
 
 def test_fast_dev_run_through_train_py(imdb_root, tmp_path):
-    proc = run_cli("train.py", "model=rnn", "trainer=debug", f"data.val_size={VAL}", "data.batch_size=8",
+    proc = run_cli("train.py", "model=rnn", "data=imdb", "debug=fdr", f"data.val_size={VAL}", "data.batch_size=8",
                    *cli_args(imdb_root, tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = next((tmp_path / "logs" / "train" / "runs").iterdir())
@@ -212,6 +212,6 @@ def test_fast_dev_run_through_train_py(imdb_root, tmp_path):
 
 
 def test_missing_data_through_train_py_exits_2_without_traceback(tmp_path):
-    proc = run_cli("train.py", "model=rnn", "trainer=debug", *cli_args(tmp_path / "nothing", tmp_path), cwd=tmp_path)
+    proc = run_cli("train.py", "model=rnn", "data=imdb", "debug=fdr", *cli_args(tmp_path / "nothing", tmp_path), cwd=tmp_path)
     assert proc.returncode == 2
     assert "IMDB data not found" in proc.stderr and "Traceback" not in proc.stderr

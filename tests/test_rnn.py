@@ -82,15 +82,16 @@ def compose_with(overrides: list[str], tmp_path: Path):
     return cfg
 
 
-def test_model_rnn_selects_imdb_data_and_clips_gradients(tmp_path):
-    cfg = compose_with(["model=rnn", "model.cell=lstm", "model.hidden_size=24", "data.max_vocab_size=300"], tmp_path)
+def test_model_rnn_on_imdb_data_clips_gradients(tmp_path):
+    cfg = compose_with(["model=rnn", "data=imdb", "model.cell=lstm", "model.hidden_size=24", "data.max_vocab_size=300"], tmp_path)
     assert cfg.data._target_ == "gradlab.data.imdb.IMDBDataModule"
     module = build_module(cfg)
     net = module.net
     assert isinstance(net.rnn, torch.nn.LSTM) and net.rnn.hidden_size == 24
     assert net.embedding.num_embeddings == 300 and module.hparams.gradient_clip_val == 1.0
     assert isinstance(module.criterion, torch.nn.BCEWithLogitsLoss) and module.binary
-    assert compose_with(["model=rnn", "data=mnist"], tmp_path).data._target_.endswith("MNISTDataModule")
+    # model=rnn leaves the data group alone: an image data set with it is a config error, not a silent switch
+    assert compose_with(["model=rnn"], tmp_path).data._target_.endswith("MNISTDataModule")
 
 
 @pytest.mark.parametrize("experiment,cell", [("imdb_rnn", "rnn"), ("imdb_gru", "gru")])

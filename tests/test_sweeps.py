@@ -120,8 +120,8 @@ def test_optuna_search_runs_its_trials_and_keeps_the_best(mnist_root, tmp_path):
         metrics = metrics_of(sweep / job)
         values = dict(o.split("=", 1) for o in metrics["overrides"])
         assert 1e-4 <= float(values["optimizer.lr"]) <= 1e-2
-        assert 0.0 <= float(values["model.net.dropout_fc"]) <= 0.6
-        assert values["model.net.hidden"] in {"64", "128", "256"}
+        assert 0.0 <= float(values["model.dropout_fc"]) <= 0.6
+        assert values["model.hidden"] in {"64", "128", "256"}
         assert values["data.batch_size"] == "32"  # the command line wins over the search space
         trials[job] = (metrics["val/acc_best"], values)
     assert trials["0"][1]["optimizer.lr"] != trials["1"][1]["optimizer.lr"]

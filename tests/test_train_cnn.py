@@ -84,7 +84,7 @@ def test_seeded_run_is_repeatable(one_epoch_run, mnist_root, tmp_path):
 
 
 def test_debug_trainer_runs_every_stage(mnist_root, tmp_path):
-    proc = run_cli("train.py", *tiny_mnist_args(mnist_root, tmp_path), "trainer=debug", cwd=tmp_path)
+    proc = run_cli("train.py", *tiny_mnist_args(mnist_root, tmp_path), "debug=fdr", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((only_run_dir(tmp_path) / "metrics.json").read_text())
     assert metrics["steps"] == 1 and "test/acc" in metrics

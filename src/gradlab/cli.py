@@ -106,6 +106,11 @@ def check_overrides(script: str, config_name: str, args: Optional[list[str]] = N
         remaining.pop(index)
     keys = _all_keys(composed) if composed is not None else []
     for key in mistyped:
+        group, _, leaf = key.rpartition(".")
+        if leaf == "enabled" and group.split(".")[0] in ("callbacks", "logger"):
+            problems.append(f"{key}: there is no `enabled` switch; {group}=null switches it off, and an optional "
+                            "callback is added with 'callbacks=[default,<name>]' (see conf/callbacks/).")
+            continue
         close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "`--cfg job` lists the keys there are."
         problems.append(f"{key} is not a config key; {hint} (To add a new key on purpose: +{key}=...)")

@@ -27,8 +27,8 @@ METRIC_PREFIXES = ("grad_norm/", "param_norm/", "update_ratio/")
 PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true",
               "transformer-engine", "transformer-engine-float16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
-# Hydra's own keys and those train.run pops before instantiating.
-NOT_ARGUMENTS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_", "enabled", "interval"}
+# Hydra's own keys, which instantiate consumes.
+NOT_ARGUMENTS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
 # ---- value checks: (holds?, what is allowed) ----------------------------------------------------------------
@@ -78,7 +78,7 @@ RULES: list[tuple[str, Check]] = [
                          "two numbers in [0, 1), e.g. [0.9,0.999]")),
     ("optimizer.nesterov", BOOL),
     # scheduler
-    ("scheduler.interval", _one_of("epoch", "step")),
+    ("scheduler_interval", _one_of("epoch", "step")),
     ("scheduler.gamma", POSITIVE), ("scheduler.max_lr", POSITIVE),
     ("scheduler.step_size", COUNT), ("scheduler.T_max", COUNT), ("scheduler.total_steps", COUNT),
     ("scheduler.eta_min", NON_NEGATIVE),
@@ -123,7 +123,6 @@ RULES: list[tuple[str, Check]] = [
     ("trainer.profiler", (lambda v: v is None or v in ("simple", "advanced", "pytorch", "xla") or isinstance(v, dict),
                           "simple, advanced, pytorch, or null")),
     # callbacks
-    ("callbacks.*.enabled", BOOL), ("logger.*.enabled", BOOL),
     ("callbacks.*.monitor", METRIC),
     ("callbacks.*.mode", _one_of("min", "max")),
     ("callbacks.*.save_top_k", (lambda v: _int(v) and v >= -1, "an integer >= -1 (-1: keep all)")),
@@ -141,6 +140,28 @@ RULES: list[tuple[str, Check]] = [
     ("invert", (lambda v: v in (True, False, "auto"), "auto, true or false")),
     ("top_k", COUNT),
 ]
+
+def require(key: str, value: Any) -> None:
+    """UserError unless `value` passes the rule for `key` in RULES: constructors use the same rule as the check.
+
+    The rule for each key is stated once, in RULES; `check` applies it to a composed config before the heavy
+    imports, and a class built from Python (no config) calls `require` on its own arguments.
+    """
+    for pattern, (holds, allowed) in RULES:
+        if fnmatch.fnmatchcase(key, pattern):
+            if not holds(value):
+                raise UserError(f"{key}={_show(value)}: must be {allowed}")
+            return
+
+
+def val_count(size: int | float, n: int, what: str) -> int:
+    """How many of `n` training items `data.val_size` holds out: a count, or a fraction of n (RULES checks its type)."""
+    count = round(size * n) if isinstance(size, float) and size < 1 else int(size)
+    if not 0 < count < n:
+        raise UserError(f"data.val_size={size} leaves no training or no validation {what} from {n}; use a count in "
+                        f"1..{n - 1} or a fraction in (0, 1).")
+    return count
+
 
 REQUIRED = {"eval": ("ckpt_path",), "predict": ("ckpt_path", "input")}
 USAGE = {"eval": "python eval.py ckpt_path=<file.ckpt or run folder or last>",
@@ -204,6 +225,11 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
     if _int(net_classes) and _int(classes) and net_classes != classes:
         problems.append(f"model.net.num_classes={net_classes} differs from model.num_classes={classes}: the network's "
                         "output must have one unit per class (leave both at ${data.num_classes})")
+    net_target, data_target = str(_safe(model.get("net") or {}, "_target_")), str(_safe(cfg.get("data") or {}, "_target_"))
+    if net_target.endswith("SentimentRNN") != data_target.endswith("IMDBDataModule") and data_target != "None":
+        problems.append("model=rnn reads token ids from data=imdb, and data=imdb feeds only model=rnn: choose them "
+                        f"together (model.net._target_={net_target}, data._target_={data_target}); the "
+                        "experiment=imdb_gru recipe does")
     return problems
 
 

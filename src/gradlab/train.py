@@ -19,13 +19,9 @@ from gradlab.reporting import print_results
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
     """The model config's ClassifierModule, with the optimizer and scheduler factories of their groups."""
-    scheduler, interval = None, "epoch"
-    if cfg.get("scheduler"):
-        sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
-        interval = sched_cfg.pop("interval", "epoch")
-        scheduler = instantiate(sched_cfg)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     return instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler,
-                       scheduler_interval=interval, _convert_="object")
+                       scheduler_interval=cfg.get("scheduler_interval", "epoch"), _convert_="object")
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> pl.Trainer:
@@ -42,16 +38,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
 
 
 def instantiate_group(group: Optional[DictConfig]) -> list[Any]:
-    """Instantiate every entry of a dict-of-objects group (callbacks, loggers) unless `enabled: false`."""
-    objects = []
-    for name, conf in (group or {}).items():
-        if conf is None or "_target_" not in conf:
-            continue
-        conf = OmegaConf.to_container(conf, resolve=True)
-        if not conf.pop("enabled", True):
-            continue
-        objects.append(instantiate(conf))
-    return objects
+    """Every entry of a dict-of-objects group (callbacks, loggers); an entry set to null is switched off."""
+    return [instantiate(conf) for conf in (group or {}).values() if conf is not None and "_target_" in conf]
 
 
 def hydra_overrides() -> list[str]:

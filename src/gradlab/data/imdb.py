@@ -18,6 +18,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from gradlab.data.resumable import ResumableLoader, SeededShuffle, run_seed
 from gradlab.data.text import BucketBatchSampler, ReviewDataset, encode, pad_collate, train_tokenizer
+from gradlab.config import require, val_count
 from gradlab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,8 @@ class IMDBDataModule(pl.LightningDataModule):
                  pin_memory: bool = False, download: bool = True, cache_dir: Optional[str] = None,
                  num_classes: int = 1):
         super().__init__()
-        if truncate not in ("head", "tail"):
-            raise UserError(f"data.truncate={truncate!r} is not known; use 'head' (keep the start) or 'tail'.")
-        if max_vocab_size < 3:
-            raise UserError(f"data.max_vocab_size={max_vocab_size} leaves no room for words next to <pad> and <unk>.")
+        for key, value in (("truncate", truncate), ("max_vocab_size", max_vocab_size), ("val_size", val_size)):
+            require(f"data.{key}", value)
         self.save_hyperparameters(logger=False)
         self.folder = dataset_folder(root)
         self.train_set: Optional[ReviewDataset] = None
@@ -174,12 +173,7 @@ class IMDBDataModule(pl.LightningDataModule):
         return path
 
     def _val_count(self, n: int) -> int:
-        size = self.hparams.val_size
-        count = round(size * n) if isinstance(size, float) and size < 1 else int(size)
-        if not 0 < count < n:
-            raise UserError(f"data.val_size={size} leaves no training or no validation reviews "
-                            f"from {n} in the train folder; use a count in 1..{n - 1} or a fraction in (0, 1).")
-        return count
+        return val_count(self.hparams.val_size, n, "reviews in the train folder")
 
     # ---- datasets and loaders -----------------------------------------------------------------------------
     def setup(self, stage: Optional[str] = None) -> None:
@@ -195,7 +189,7 @@ class IMDBDataModule(pl.LightningDataModule):
             self.val_set = self._dataset(data["val"], self.hparams.eval_max_len)
             with open(os.path.join(os.path.dirname(fit_cache), "tokenizer.json")) as f:
                 self.tokenizer_json = f.read()
-        if stage in (None, "test", "predict") and self.test_set is None:
+        if stage in (None, "test") and self.test_set is None:
             if not has_split(self.folder, "test"):
                 raise UserError(
                     f"The IMDB test split is missing: {self.folder} has no test/pos and test/neg folders "
@@ -232,9 +226,6 @@ class IMDBDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
 
 
 def _write_atomic(path: str, data: bytes) -> None:

@@ -8,6 +8,7 @@ from torchvision import datasets
 
 from gradlab.data.idx import check_pair
 from gradlab.data.tensor_loader import InMemoryDataModule, TensorBatches
+from gradlab.config import require, val_count
 from gradlab.errors import UserError
 
 # name -> (torchvision class, mean, std of the training pixels in [0, 1])
@@ -51,6 +52,7 @@ class MNISTDataModule(InMemoryDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise UserError(f"data.dataset={dataset!r} is not known; choose one of {sorted(DATASETS)}.")
+        require("data.val_size", val_size)
         self.save_hyperparameters(logger=False)
 
     def prepare_data(self) -> None:
@@ -96,13 +98,8 @@ class MNISTDataModule(InMemoryDataModule):
             val_idx, train_idx = perm[:n_val], perm[n_val:]
             self.train_set = TensorBatches(x[train_idx], y[train_idx])
             self.val_set = TensorBatches(x[val_idx], y[val_idx])
-        if stage in (None, "test", "predict") and self.test_set is None:
+        if stage in (None, "test") and self.test_set is None:
             self.test_set = TensorBatches(*self._load(train=False))
 
     def _val_count(self, n: int) -> int:
-        size = self.hparams.val_size
-        count = round(size * n) if isinstance(size, float) and size < 1 else int(size)
-        if not 0 < count < n:
-            raise UserError(f"data.val_size={size} leaves no training or no validation data "
-                            f"from {n} training images; use a count in 1..{n - 1} or a fraction in (0, 1).")
-        return count
+        return val_count(self.hparams.val_size, n, "images of the training set")

@@ -50,8 +50,6 @@ class ReviewDataset(Dataset):
 
     def __init__(self, ids: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor,
                  max_len: Optional[int] = None, truncate: str = "head"):
-        if truncate not in ("head", "tail"):
-            raise ValueError(f"truncate must be 'head' or 'tail', not {truncate!r}")
         self.ids, self.offsets, self.labels = ids, offsets, labels.float()
         self.max_len, self.truncate = max_len, truncate
         full = offsets[1:] - offsets[:-1]

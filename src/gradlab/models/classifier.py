@@ -10,9 +10,9 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from gradlab.checkpoint import check_state_dict
+from gradlab.config import require
 from gradlab.errors import UserError
 
-NONFINITE_LOSS = ("stop", "skip")
 
 
 class ClassifierModule(pl.LightningModule):
@@ -42,8 +42,7 @@ class ClassifierModule(pl.LightningModule):
         **hparams: Any,
     ):
         super().__init__()
-        if on_nonfinite_loss not in NONFINITE_LOSS:
-            raise UserError(f"model.on_nonfinite_loss={on_nonfinite_loss!r} is not known; use stop or skip.")
+        require("model.on_nonfinite_loss", on_nonfinite_loss)
         # Factories and modules stay out of the checkpoint's hyperparameters, which then load with
         # `weights_only=True`; the full run config travels in the checkpoint separately.
         self.save_hyperparameters(ignore=["net", "criterion", "optimizer", "scheduler"], logger=False)
@@ -134,10 +133,6 @@ class ClassifierModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "test")
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        inputs = batch[:-1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else batch
-        return self.predict_proba(*inputs)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # `trainer.gradient_clip_val` wins; otherwise the model's own default (the RNN clips by default).

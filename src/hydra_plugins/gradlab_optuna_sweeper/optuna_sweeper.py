@@ -8,8 +8,8 @@ It reads the config of hydra-optuna-sweeper (`hydra.sweeper.params` in Hydra's s
 `n_jobs`, `sampler`, `storage`, `study_name`, `max_failure_rate`): every release of that plugin pins optuna<3.
 Search space, one line per parameter:
     optimizer.lr: tag(log, interval(1e-4, 1e-1))    float, log-uniform
-    model.net.dropout_fc: interval(0.0, 0.5)        float, uniform (an interval is always of floats)
-    model.net.hidden: range(64, 513, 64)            int 64..512 in steps of 64 (stop excluded, as in Python)
+    model.dropout_fc: interval(0.0, 0.5)            float, uniform (an interval is always of floats)
+    model.hidden: range(64, 513, 64)                int 64..512 in steps of 64 (stop excluded, as in Python)
     optimizer: choice(adam, sgd)                    categorical (config groups too)
     model.hidden: choice([256,128], [512,256])      categorical over lists
     trainer.max_epochs: 5                           fixed
