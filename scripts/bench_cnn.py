@@ -5,8 +5,8 @@
 
 Both train the same CNN, batch 64, Adadelta lr 1.0, on the same IDX files, for the same number of steps, each in a fresh process (so both pay their imports), the two
 interleaved `--repeats` times; the table gives medians. Validation is off in both: this times training.
-The plain loop is the reference's: its `Net` verbatim, torchvision MNIST + ToTensor/Normalize per sample +
-DataLoader. gradlab's MnistCNN has the same layers and parameters and computes the same function
+The plain loop is the reference's: its `Net` verbatim (src/gradlab/models/reference_net.py), torchvision
+MNIST + ToTensor/Normalize per sample + DataLoader. gradlab's MnistCNN has the same layers and parameters and computes the same function
 (tests/test_cnn.py checks outputs and gradients against `Net` from the same weights); where its step is faster,
 the reasons are in src/gradlab/models/cnn.py.
 """
@@ -24,50 +24,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def examples_net():
-    """pytorch/examples `mnist/main.py` `Net`, verbatim (built lazily: the parent process never imports torch)."""
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class Net(nn.Module):
-        def __init__(self):
-            super(Net, self).__init__()
-            self.conv1 = nn.Conv2d(1, 32, 3, 1)
-            self.conv2 = nn.Conv2d(32, 64, 3, 1)
-            self.dropout1 = nn.Dropout(0.25)
-            self.dropout2 = nn.Dropout(0.5)
-            self.fc1 = nn.Linear(9216, 128)
-            self.fc2 = nn.Linear(128, 10)
-
-        def forward(self, x):
-            x = self.conv1(x)
-            x = F.relu(x)
-            x = self.conv2(x)
-            x = F.relu(x)
-            x = F.max_pool2d(x, 2)
-            x = self.dropout1(x)
-            x = torch.flatten(x, 1)
-            x = self.fc1(x)
-            x = F.relu(x)
-            x = self.dropout2(x)
-            x = self.fc2(x)
-            output = F.log_softmax(x, dim=1)
-            return output
-
-    return Net()
-
-
 def plain_loop(data: str, steps: int, warmup: int, out: str) -> None:
     import torch
     import torch.nn.functional as F
     from torchvision import datasets, transforms
 
+    from gradlab.models.reference_net import Net  # pytorch/examples' Net, verbatim
+
     torch.manual_seed(1)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     dataset = datasets.MNIST(data, train=True, download=False, transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
-    model = examples_net()
+    model = Net()
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
     model.train()
     step, samples, first, t_start = 0, 0, None, None
@@ -92,7 +60,8 @@ def plain_loop(data: str, steps: int, warmup: int, out: str) -> None:
 
 def run_worker(kind: str, args, tmp: str, i: int) -> dict:
     out = os.path.join(tmp, f"{kind}{i}.json")
-    env = {**os.environ, "BENCH_T0": repr(time.time()), "PYTHONPATH": str(ROOT / "scripts")}
+    env = {**os.environ, "BENCH_T0": repr(time.time()),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "scripts"), str(ROOT / "src")])}  # this checkout's gradlab
     if kind == "plain":
         cmd = [sys.executable, __file__, "--worker", "plain", "--data", args.data, "--steps", str(args.steps),
                "--out", out]

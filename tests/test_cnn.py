@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from gradlab.models.cnn import Dropout, MnistCNN
-from helpers import load_script
+from gradlab.models.reference_net import Net
 
 
 @pytest.fixture(scope="module")
 def reference_net():
-    return load_script("bench_cnn").examples_net  # the pytorch/examples Net, verbatim
+    return Net  # the pytorch/examples Net, verbatim
 
 
 def twins(reference_net, dtype=torch.float64, channels_last=False):

@@ -83,7 +83,7 @@ def test_good_overrides_pass_the_pre_check():
     (["callbacks.model_checkpoint.monitor=val/accuracy"],
      "callbacks.model_checkpoint.monitor=val/accuracy: must be one of"),
     (["model.on_nonfinite_loss=ignore"], "model.on_nonfinite_loss=ignore: must be one of stop, skip"),
-    (["model=mlp", "model.onednn=maybe"], "model.onednn=maybe: must be true or false"),
+    (["model=mlp", "model.batch_norm=maybe"], "model.batch_norm=maybe: must be true or false"),
     (["optimizer=sgd", "optimizer.momentum=1.2"], "optimizer.momentum=1.2: must be a number in [0, 1)"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(tmp_path, capsys, overrides, expected):

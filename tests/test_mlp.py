@@ -11,6 +11,7 @@ from torch import nn
 
 from gradlab.data.toy import ToyDataModule
 from gradlab.errors import UserError
+from gradlab.memory import step_memory
 from gradlab.models.mlp import ManualMLP, classification_loss
 from helpers import run_cli, tiny_mnist_args
 
@@ -49,11 +50,10 @@ def test_backends_have_the_same_parameters_and_buffers():
     assert "layers.fc1.weight" in manual.state_dict() and "layers.bn1.running_var" in manual.state_dict()
 
 
-@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_one_step_same_loss_and_gradients(activation, batch_norm, fused, device):
-    manual, reference = twin_nets(device=device, activation=activation, batch_norm=batch_norm, fused=fused)
+def test_one_step_same_loss_and_gradients(activation, batch_norm, device):
+    manual, reference = twin_nets(device=device, activation=activation, batch_norm=batch_norm)
     x, y = batch(torch.float64, device)
     losses = []
     for net, backend in ((manual, "manual"), (reference, "autograd")):
@@ -68,9 +68,8 @@ def test_one_step_same_loss_and_gradients(activation, batch_norm, fused, device)
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("activation, batch_norm", [("sigmoid", False), ("relu", True), ("tanh", True)])
-@pytest.mark.parametrize("fused", [True, False])
-def test_n_sgd_steps_reach_the_same_weights(activation, batch_norm, fused, dtype, tol, device):
-    manual, reference = twin_nets(dtype, device, activation=activation, batch_norm=batch_norm, fused=fused)
+def test_n_sgd_steps_reach_the_same_weights(activation, batch_norm, dtype, tol, device):
+    manual, reference = twin_nets(dtype, device, activation=activation, batch_norm=batch_norm)
     runs = [(manual, classification_loss(5, "manual")), (reference, classification_loss(5, "autograd"))]
     optimizers = [torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) for net, _ in runs]
     for step in range(8):
@@ -101,6 +100,72 @@ def test_binary_output_uses_bce_with_logits(device):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "leaky_relu"])
+def test_keeps_and_peaks_no_more_memory_than_autograd(activation):
+    """Counted tensor by tensor (gradlab.memory: deterministic, not a timing). Each activation saves its output,
+    which the next linear saves anyway; autograd's leaky relu keeps its input too, one activation per layer."""
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    mem = {}
+    for backend in ("manual", "autograd"):
+        torch.manual_seed(0)
+        net = ManualMLP(32, [48] * 6, 10, activation, backend=backend)
+        mem[backend] = step_memory(net, classification_loss(10, backend), torch.optim.SGD(net.parameters(), 0.1),
+                                   x, y)
+    (kept, peak), (ref_kept, ref_peak) = mem["manual"], mem["autograd"]
+    activation_bytes = 64 * 48 * 4
+    assert 6 * activation_bytes <= kept <= ref_kept  # the six hidden outputs, which both must keep
+    assert peak <= ref_peak
+    if activation == "leaky_relu":
+        assert ref_kept - kept >= 6 * activation_bytes
+
+
+def test_backward_twice_needs_retain_graph_as_in_autograd():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 12), torch.randint(0, 5, (4,))
+    net = ManualMLP(12, [8, 6], 5, batch_norm=True)
+    loss = classification_loss(5)(net(x), y)
+    loss.backward(retain_graph=True)
+    first = net.layers.fc1.weight.grad.clone()
+    loss.backward()  # the saved tensors were kept for it
+    torch.testing.assert_close(net.layers.fc1.weight.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()  # but not after a backward without retain_graph
+
+
+def test_cumulative_running_average_momentum_none_matches_torch():
+    """momentum=None: running statistics are the plain average over batches, as nn.BatchNorm1d keeps them."""
+    manual, reference = twin_nets(activation="tanh", batch_norm=True)
+    for net in (manual, reference):
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.momentum = None
+    for seed in range(3):
+        x, _ = batch(torch.float64, "cpu", seed=seed)
+        manual(x), reference(x)
+    ref = reference.state_dict()
+    for k, v in manual.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-12, atol=1e-12, msg=k)
+    assert ref["layers.bn1.num_batches_tracked"].item() == 3
+
+
+def test_autocast_matches_autograd(device):
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    manual, reference = twin_nets(torch.float32, device, activation="relu", batch_norm=True)
+    x, y = batch(torch.float32, device, n=32, seed=5)
+    results = []
+    for net, backend in ((manual, "manual"), (reference, "autograd")):
+        with torch.autocast(device, dtype=dtype):
+            logits = net(x)
+            loss = classification_loss(5, backend)(logits, y)
+        loss.backward()
+        assert logits.dtype == dtype and loss.dtype == torch.float32
+        results.append((loss, [p.grad for p in net.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-2, atol=2e-2)
+    for ours, theirs in zip(results[0][1], results[1][1], strict=True):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("activation, expected_var", [
     # Xavier: Var(W) = gain² · 2 / (fan_in + fan_out), gain 1 for sigmoid, 5/3 for tanh
     ("sigmoid", 2 / (400 + 300)),
@@ -124,6 +189,8 @@ def test_bad_choices_are_user_errors():
         ManualMLP(4, [3], 2, backend="jax")
     with pytest.raises(UserError, match="positive sizes"):
         ManualMLP(4, [0], 2)
+    with pytest.raises(ValueError, match="more than 1 value per feature"):
+        ManualMLP(4, [3], 2, batch_norm=True)(torch.randn(1, 4))
 
 
 @pytest.mark.slow  # compiling forward and backward takes ~20-40 s on 2 cores
@@ -131,8 +198,8 @@ def test_compiled_training_step_matches_eager():
     """The Functions trace into one graph (fullgraph: no silent fallback to eager); AOTAutograd then
     compiles their hand-written backward, which `loss.backward()` runs."""
     torch._dynamo.reset()
-    compiled_net, _ = twin_nets(torch.float32, activation="tanh", batch_norm=True)  # fused: compiled per layer
-    eager_net, _ = twin_nets(torch.float32, activation="tanh", batch_norm=True)     # fused: one MLPStack node
+    compiled_net, _ = twin_nets(torch.float32, activation="tanh", batch_norm=True)
+    eager_net, _ = twin_nets(torch.float32, activation="tanh", batch_norm=True)
     criterion = classification_loss(5, "manual")
     x, y = batch(torch.float32, "cpu")
 

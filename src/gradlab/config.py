@@ -98,7 +98,7 @@ RULES: list[tuple[str, Check]] = [
     # model
     ("model.on_nonfinite_loss", _one_of("stop", "skip")),
     ("model.gradient_clip_val", (lambda v: v is None or (_num(v) and v > 0), "a number > 0, or null")),
-    ("model.channels_last", BOOL), ("model.fused", BOOL), ("model.onednn", BOOL), ("model.batch_norm", BOOL),
+    ("model.channels_last", BOOL), ("model.batch_norm", BOOL),
     ("model*.dropout*", FRACTION),
     *[(f"{group}*.{name}", SIZES) for group in ("model", "data") for name in (
         "num_classes", "hidden", "hidden_size", "hidden_sizes", "hidden_dim", "embed_dim", "num_layers",

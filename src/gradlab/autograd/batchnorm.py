@@ -20,62 +20,43 @@ def _check_2d(x: torch.Tensor) -> None:
         raise ValueError(f"batch_norm expects (batch, features), got shape {tuple(x.shape)}")
 
 
-def batch_norm_train_forward(x, weight, bias, eps: float):
-    """Training-mode forward: returns y, the batch mean and biased variance, and x̂ and 1/σ for backward."""
-    # x (B, H); weight γ, bias β (H,)
-    _check_2d(x)
-    if x.shape[0] < 2:
-        # One sample has zero variance: x̂ would be 0/0-ish noise. torch refuses too.
-        raise ValueError(f"batch_norm in training needs more than 1 value per feature, got input of shape "
-                         f"{tuple(x.shape)}; use a batch of 2 or more, or eval mode (running statistics)")
-    xf = at_least_float32(x)
-    mean = xf.mean(0)                                    # μ (H,)
-    xhat = xf - mean                                     # x - μ, becomes x̂ below (B, H)
-    # Two-pass variance of the centred values: stable, and on CPU ~50x faster than
-    # torch.var_mean over dim 0. Biased (divide by B): the variance the batch is normalized with.
-    var = xhat.square().mean(0)                          # σ² (H,)
-    invstd = torch.rsqrt(var + eps)                      # 1/σ (H,)
-    xhat.mul_(invstd)                                    # x̂ = (x - μ)/σ (B, H)
-    y = torch.addcmul(bias, xhat, weight)                # γ·x̂ + β (B, H)
-    return y.to(x.dtype), mean, var, xhat, invstd
-
-
-def batch_norm_train_backward(grad_y, xhat, invstd, weight, need_x: bool = True, g_free: bool = False):
-    """Training-mode backward from x̂ and 1/σ: returns (∂L/∂x or None, ∂L/∂γ, ∂L/∂β).
-
-    g_free: grad_y is the caller's own buffer, so ∂L/∂x is built in it (no new tensor).
-    """
-    g = at_least_float32(grad_y)                          # (B, H)
-    grad_bias = g.sum(0)                                  # ∂y/∂β = 1: (H,)
-    grad_weight = (g * xhat).sum(0)                       # ∂y/∂γ = x̂: (H,)
-    grad_x = None
-    if need_x:
-        # x reaches x̂ directly and through the batch mean and variance; the three paths sum to
-        # ∂L/∂x = γ/(Bσ) · (B·g - Σ_b g - x̂·Σ_b g·x̂)
-        # where Σ_b g = grad_bias and Σ_b g·x̂ = grad_weight. Per feature that is a·g + d + c·x̂ with
-        # a = γ/σ, d = -a·Σg/B, c = -a·Σg·x̂/B (H,): two passes over (B, H), in g's buffer if it is ours.
-        batch = g.shape[0]
-        a = weight * invstd
-        d, c = a * grad_bias / -batch, a * grad_weight / -batch
-        out = g if g_free and g is grad_y else None
-        grad_x = torch.addcmul(d, g, a, out=out).addcmul_(xhat, c)
-    return grad_x, grad_weight, grad_bias
-
-
 class BatchNorm(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float):
-        y, mean, var, xhat, invstd = batch_norm_train_forward(x, weight, bias, eps)
+        # x (B, H); weight γ, bias β (H,)
+        _check_2d(x)
+        if x.shape[0] < 2:
+            # One sample has zero variance: x̂ would be 0/0-ish noise. torch refuses too.
+            raise ValueError(f"batch_norm in training needs more than 1 value per feature, got input of shape "
+                             f"{tuple(x.shape)}; use a batch of 2 or more, or eval mode (running statistics)")
+        # Each (B, H) temporary costs a fresh allocation (above 128 KiB glibc maps new pages for it), so
+        # x - μ becomes x̂ in place and y is one addcmul: 3 such tensors where the plain formulas make 6.
+        xf = at_least_float32(x)
+        mean = xf.mean(0)                                  # μ (H,)
+        xhat = xf - mean                                   # x - μ, made x̂ below (B, H)
+        var = xhat.square().mean(0)                        # σ², biased: what the batch is normalized with (H,)
+        invstd = torch.rsqrt(var + eps)                    # 1/σ (H,)
+        xhat.mul_(invstd)                                  # x̂ = (x - μ)/σ (B, H)
+        y = torch.addcmul(bias, weight, xhat)              # γ·x̂ + β (B, H)
         ctx.save_for_backward(xhat, invstd, weight)
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y.to(x.dtype), mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         xhat, invstd, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = batch_norm_train_backward(grad_y, xhat, invstd, weight,
-                                                                   ctx.needs_input_grad[0])
+        g = at_least_float32(grad_y)                       # (B, H)
+        batch = g.shape[0]
+        grad_bias = g.sum(0)                               # ∂y/∂β = 1, summed over the batch (H,)
+        grad_weight = (g * xhat).sum(0)                    # ∂y/∂γ = x̂, summed over the batch (H,)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # x reaches y directly and through μ and σ; the three paths sum to
+            # ∂L/∂x = γ/σ · (g - mean_b g - x̂·mean_b g·x̂)  (B, H), in place: two (B, H) tensors, not five
+            grad_x = g - grad_bias / batch
+            grad_x -= xhat * (grad_weight / batch)
+            grad_x *= weight * invstd
         return (grad_x,
                 grad_weight if ctx.needs_input_grad[1] else None,
                 grad_bias if ctx.needs_input_grad[2] else None,
@@ -90,8 +71,8 @@ class BatchNormEval(Function):
         _check_2d(x)
         ctx.eps = eps
         ctx.save_for_backward(x, weight, running_mean, running_var)
-        invstd = torch.rsqrt(running_var + eps)                                  # (H,)
-        return torch.addcmul(bias, (at_least_float32(x) - running_mean) * invstd, weight).to(x.dtype)
+        xhat = (at_least_float32(x) - running_mean) * torch.rsqrt(running_var + eps)  # (B, H)
+        return (weight * xhat + bias).to(x.dtype)                                    # γ·x̂ + β (B, H)
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -10,7 +10,7 @@ from torch import nn
 from gradlab.autograd.activations import leaky_relu, relu, sigmoid, tanh
 from gradlab.autograd.batchnorm import batch_norm, batch_norm_eval
 from gradlab.autograd.linear import linear
-from gradlab.autograd.losses import bce_with_logits, mse, softmax_cross_entropy
+from gradlab.autograd.losses import bce_with_logits, softmax_cross_entropy
 
 
 class Linear(nn.Linear):
@@ -80,8 +80,3 @@ class SoftmaxCrossEntropyLoss(nn.Module):
 class BCEWithLogitsLoss(nn.Module):
     def forward(self, logits, target):
         return bce_with_logits(logits, target)
-
-
-class MSELoss(nn.Module):
-    def forward(self, x, y):
-        return mse(x, y)

@@ -3,8 +3,6 @@
     python train.py model=mlp                                   # 784-256-128-10 relu MLP on MNIST
     python train.py model=mlp model.activation=tanh model.hidden=[512,256] model.batch_norm=true
     python train.py model=mlp model.backend=autograd            # the same network from nn.Linear & co.
-    python train.py model=mlp model.fused=false                 # one hand-written Function per layer
-    python train.py model=mlp model.onednn=false                # fused, but torch's addmm/mm kernels
     python train.py experiment=toy_xor                          # the textbook 3-4-2 sigmoid net, seconds
 
 Both backends build the same layers with the same parameter names, shapes and init, so a state_dict
@@ -18,7 +16,6 @@ import torch
 from torch import nn
 
 from gradlab.autograd import modules as manual
-from gradlab.autograd.stack import mlp_stack
 from gradlab.errors import UserError
 
 ACTIVATIONS = {
@@ -45,16 +42,12 @@ class ManualMLP(nn.Module):
     Init is matched to the activation: Xavier/Glorot for sigmoid and tanh (keeps the variance of
     saturating units' inputs near 1), Kaiming/He for relu (doubles it back after relu zeroes half).
 
-    backend="manual" runs the hand-written backward; with `fused=True` (default) the whole stack is one
-    autograd node (gradlab.autograd.stack.MLPStack: the fastest), with `fused=False` each layer is its
-    own Function as in the textbook (use it for second derivatives). Eval with batch norm, and forward
-    under torch.compile, always run per layer. `onednn=True` (default) lets the fused stack run its
-    matmuls, with the activation fused in, on oneDNN in float32 on CPU (see gradlab.autograd.stack).
+    backend="manual" builds every layer from a hand-written Function (gradlab.autograd): linear, batch norm
+    and activation are each one autograd node whose backward is the derivative in docs/backprop.md.
     """
 
     def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, activation: str = "relu",
-                 batch_norm: bool = False, backend: str = "manual", negative_slope: float = 0.01,
-                 fused: bool = True, onednn: bool = True):
+                 batch_norm: bool = False, backend: str = "manual", negative_slope: float = 0.01):
         super().__init__()
         _check_choice("activation", activation, ACTIVATIONS)
         _check_choice("backend", backend, BACKENDS)
@@ -64,8 +57,6 @@ class ManualMLP(nn.Module):
                             f"hidden={hidden}, num_classes={num_classes}.")
         self.activation, self.backend, self.num_classes = activation, backend, num_classes
         self.batch_norm, self.negative_slope = batch_norm, negative_slope
-        self.fused = fused and backend == "manual"
-        self.onednn = onednn
         is_manual = backend == "manual"
         Linear = manual.Linear if is_manual else nn.Linear
         BatchNorm = manual.BatchNorm1d if is_manual else nn.BatchNorm1d
@@ -99,37 +90,8 @@ class ManualMLP(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)                             # (B, in_features)
-        # Under torch.compile the per-layer Functions are traced instead: the compiler fuses them itself.
-        if self.fused and (self.training or not self.batch_norm) and not torch.compiler.is_compiling():
-            out = self._stack_forward(x)
-        else:
-            out = self.layers(x)                     # (B, num_classes)
+        out = self.layers(x.flatten(1))              # (B, in_features) -> (B, num_classes)
         return out.squeeze(1) if self.num_classes == 1 else out
-
-    def _stack_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same layers' parameters through one MLPStack node; running statistics updated as per layer."""
-        layers = self.layers._modules
-        params, running, eps = [], [], 1e-5
-        for i in range(1, len(layers)):
-            fc, bn = layers.get(f"fc{i}"), layers.get(f"bn{i}")
-            if fc is None:
-                break
-            if bn is None:
-                params += [fc.weight, fc.bias, None, None]
-                continue
-            params += [fc.weight, fc.bias, bn.weight, bn.bias]
-            eps = bn.eps
-            if self.training:
-                # momentum None: a cumulative average, as in nn.BatchNorm1d
-                momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked + 1)
-                running.append((bn.running_mean, bn.running_var, momentum))
-        params += [layers["out"].weight, layers["out"].bias]
-        out = mlp_stack(x, params, self.activation, self.negative_slope, self.batch_norm, eps, running or None,
-                        onednn=self.onednn)
-        for i in range(1, len(running) + 1):
-            layers[f"bn{i}"].num_batches_tracked.add_(1)
-        return out
 
 
 def classification_loss(num_classes: int, backend: str = "manual") -> nn.Module:
