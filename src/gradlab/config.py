@@ -93,7 +93,7 @@ RULES: list[tuple[str, Check]] = [
     ("data.max_vocab_size", (lambda v: _int(v) and v >= 3, "an integer >= 3 (<pad>, <unk> and at least one word)")),
     ("data.min_freq", COUNT),
     ("data.bucket_batches", COUNT_OR_NULL),
-    ("data.download", BOOL), ("data.pin_memory", BOOL),
+    ("data.download", BOOL), ("data.pin_memory", BOOL), ("data.allow_sample", BOOL),
     ("data.truncate", _one_of("head", "tail")),
     # model
     ("model.on_nonfinite_loss", _one_of("stop", "skip")),
