@@ -130,6 +130,7 @@ RULES: list[tuple[str, Check]] = [
     ("callbacks.*.every_n_train_steps", (lambda v: v is None or (_int(v) and v >= 0), "an integer >= 0, or null")),
     ("callbacks.*.every_n_minutes", (lambda v: v is None or (_num(v) and v > 0), "a number > 0, or null")),
     ("callbacks.*.patience", NON_NEG_INT),
+    ("callbacks.*.when", _one_of("auto", "always", "never")),
     # eval.py / predict.py
     ("batch_size", COUNT_OR_NULL),
     ("split", _one_of("test", "val")),
