@@ -85,6 +85,8 @@ def test_good_overrides_pass_the_pre_check():
     (["model.on_nonfinite_loss=ignore"], "model.on_nonfinite_loss=ignore: must be one of stop, skip"),
     (["model=mlp", "model.batch_norm=maybe"], "model.batch_norm=maybe: must be true or false"),
     (["optimizer=sgd", "optimizer.momentum=1.2"], "optimizer.momentum=1.2: must be a number in [0, 1)"),
+    (["data.allow_sample=maybe"], "data.allow_sample=maybe: must be true or false"),
+    (["callbacks.plain_progress.when=sometimes"], "callbacks.plain_progress.when=sometimes: must be one of auto, "),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(tmp_path, capsys, overrides, expected):
     cfg = config("train", overrides, tmp_path)

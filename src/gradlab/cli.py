@@ -23,12 +23,14 @@ def run_entry(module: str, cfg: DictConfig):
     UserError anywhere becomes a clean exit.
     """
     from gradlab import config, runs
+    from gradlab.console import tidy_lightning_logging
 
     try:
         try:
             config.check(cfg)  # before the heavy imports: a bad value costs a second
             runs.resolve_checkpoint(cfg)
             entry = importlib.import_module(module)
+            tidy_lightning_logging()  # now that Lightning is imported: each log line once, no adverts
             config.check_after_import(cfg)
             return entry.run(cfg)
         except Exception as err:

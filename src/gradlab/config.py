@@ -93,7 +93,7 @@ RULES: list[tuple[str, Check]] = [
     ("data.max_vocab_size", (lambda v: _int(v) and v >= 3, "an integer >= 3 (<pad>, <unk> and at least one word)")),
     ("data.min_freq", COUNT),
     ("data.bucket_batches", COUNT_OR_NULL),
-    ("data.download", BOOL), ("data.pin_memory", BOOL),
+    ("data.download", BOOL), ("data.pin_memory", BOOL), ("data.allow_sample", BOOL),
     ("data.truncate", _one_of("head", "tail")),
     # model
     ("model.on_nonfinite_loss", _one_of("stop", "skip")),
@@ -129,6 +129,7 @@ RULES: list[tuple[str, Check]] = [
     ("callbacks.*.every_n_train_steps", (lambda v: v is None or (_int(v) and v >= 0), "an integer >= 0, or null")),
     ("callbacks.*.every_n_minutes", (lambda v: v is None or (_num(v) and v > 0), "a number > 0, or null")),
     ("callbacks.*.patience", NON_NEG_INT),
+    ("callbacks.*.when", _one_of("auto", "always", "never")),
     # eval.py / predict.py
     ("batch_size", COUNT_OR_NULL),
     ("split", _one_of("test", "val")),

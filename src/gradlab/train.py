@@ -77,6 +77,8 @@ def _run(cfg: DictConfig) -> Optional[float]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics.update(_scalars(trainer.callback_metrics))
 
+    if getattr(datamodule, "data_note", None):  # e.g. MNIST's shipped sample stood in for the real thing
+        metrics["data"] = datamodule.data_note
     metrics.update({
         "best_checkpoint": best,
         "epochs": trainer.current_epoch,
