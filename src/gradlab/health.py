@@ -8,8 +8,8 @@ Each finding names the layer, the step range, the evidence and a likely fix; a r
     exploding    the total gradient norm exceeds `exploding` (1e3), or grows `growth` (100x) from the first
                  quarter of the run to the last
     vanishing    the first weight layer's median gradient norm is below `vanishing` (1e-3) times the last one's
-    update ratio a weight's median ‖Δw‖/‖w‖ over the second half of the run is above `ratio_high` (0.1, 100x the
-                 usual 1e-3) or below `ratio_low` (1e-5, 100x under it)
+    update ratio a weight's median ‖Δw‖/‖w‖ over the run is above `ratio_high` (0.1, 100x the usual 1e-3) or
+                 below `ratio_low` (1e-5, 100x under it); biases are left out (they start at 0)
     saturated    a sigmoid/tanh layer's median saturated fraction (second half) is above `saturation` (0.3)
     dead units   a ReLU layer's median dead fraction (second half) is above `dead` (0.5)
     stopped      a weight layer's gradient norm in the last quarter fell below `stopped` (1e-3) times its first
@@ -140,22 +140,33 @@ def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None
                                "(model.batch_norm=true), fewer layers or residual connections"))
 
     ratios = _family(scalars, "update_ratio/")
+    too = {"big": [], "small": []}  # (layer, median, window) per direction, input layer first
     for name, series in ratios.items():
         if "weight" not in name:
             continue  # a bias starts at 0, so its ratio is large by construction
-        window = _half(series)
+        window = series  # the whole run: a too-big step shows most in the first steps, before |w| grows
         r = _median(window)
-        if not window or not math.isfinite(r):
+        if window and math.isfinite(r) and (r > th.ratio_high or r < th.ratio_low):
+            too["big" if r > th.ratio_high else "small"].append((name, r, window))
+    for direction, layers in too.items():
+        if not layers:
             continue
-        if r > th.ratio_high:
-            out.append(Finding("update ratio too big", name, (window[0][0], window[-1][0]),
-                               f"median ‖Δw‖/‖w‖ {r:.2g} (healthy ~1e-3; > {th.ratio_high:g}): each step rewrites "
-                               f"{r:.0%} of the weights",
-                               f"lower optimizer.lr about {r / 1e-3:.0f}x, or warm it up (scheduler=onecycle)"))
-        elif r < th.ratio_low:
-            out.append(Finding("update ratio too small", name, (window[0][0], window[-1][0]),
-                               f"median ‖Δw‖/‖w‖ {r:.2g} (healthy ~1e-3; < {th.ratio_low:g}): the layer barely moves",
-                               "raise optimizer.lr, or fix the gradient that vanishes upstream (see above)"))
+        # One finding for all layers that share the verdict, not one per layer.
+        names = [n for n, _, _ in layers]
+        layer = ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]} ({len(names)} layers)"
+        lo, hi = min(layers, key=lambda t: t[1]), max(layers, key=lambda t: t[1])
+        window = layers[0][2]
+        spread = f"{lo[1]:.2g} ({lo[0]})" if lo is hi else f"{lo[1]:.2g} ({lo[0]}) to {hi[1]:.2g} ({hi[0]})"
+        if direction == "big":
+            out.append(Finding("update ratio too big", layer, (window[0][0], window[-1][0]),
+                               f"median ‖Δw‖/‖w‖ over the run {spread}; healthy ~1e-3, flagged above "
+                               f"{th.ratio_high:g}: each step rewrites {hi[1]:.0%} of a layer",
+                               f"lower optimizer.lr about {hi[1] / 1e-3:.0f}x, or warm it up (scheduler=onecycle)"))
+        else:
+            out.append(Finding("update ratio too small", layer, (window[0][0], window[-1][0]),
+                               f"median ‖Δw‖/‖w‖ over the run {spread}; healthy ~1e-3, flagged below "
+                               f"{th.ratio_low:g}: the layer barely moves",
+                               "raise optimizer.lr, or fix a gradient that vanishes upstream (see above)"))
 
     for stat, limit, verdict, fix in (
             ("saturation", th.saturation, "saturated",
@@ -181,7 +192,7 @@ def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None
                                "dead or saturated units feed it (see the act/* charts), or the lr schedule hit 0"))
 
     if not out:
-        ratio_meds = [_median(_half(s)) for n, s in ratios.items() if "weight" in n]
+        ratio_meds = [_median(s) for n, s in ratios.items() if "weight" in n]
         ratio_meds = [r for r in ratio_meds if math.isfinite(r)]
         parts = [f"{len(grads)} parameters over steps {span[0]}–{span[1]}: all gradient norms finite"]
         if len(weights) >= 2:
