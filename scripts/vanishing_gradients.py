@@ -8,7 +8,9 @@ Every variant is gradlab's ManualMLP (hand-written backward; --backend autograd 
 hidden layers of `--width` units and its activation-matched init (Xavier for sigmoid and tanh, Kaiming for
 relu), built from the same seed and trained with the same SGD on the same batches. The gradient L2 norm of
 each weight matrix is measured on one fixed batch at initialization and after `--steps` steps. Writes a PNG
-(layer depth against gradient norm, log scale, one line per variant) and prints a table.
+(layer depth against gradient norm, log scale, one line per variant) and prints a table, then the verdicts of
+gradlab's health report (gradlab.health, the rules `scripts/grad_report.py` applies to a run) on each variant's
+per-step gradient norms and update ratios: the sigmoid net is flagged vanishing.
 
 Why sigmoid loses: backprop multiplies the upstream gradient by σ'(z) <= 1/4 at every layer, so 15 layers
 shrink it by up to 4^15 ≈ 1e9; tanh' reaches 1 near zero and relu' is exactly 1 where a unit is active.
@@ -29,6 +31,7 @@ from rich.table import Table  # noqa: E402
 from gradlab.cli import fail  # noqa: E402
 from gradlab.data.toy import lesson_data  # noqa: E402
 from gradlab.errors import UserError  # noqa: E402
+from gradlab.health import diagnose  # noqa: E402
 from gradlab.models.mlp import ManualMLP, classification_loss  # noqa: E402
 
 VARIANTS = {  # name: (activation, batch norm)
@@ -64,13 +67,20 @@ def run_variant(variant: str, x, y, num_classes: int, args) -> dict:
     init, loss0 = weight_grad_norms(model, loss_fn, x[probe], y[probe])
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)  # the same batches for every variant
-    for _ in range(args.steps):
+    weights = [(name, p) for name, p in model.named_parameters() if p.ndim == 2]
+    series = {}  # what GradNormMonitor would log: {tag: [(step, value), ...]}, for the health report
+    for step in range(args.steps):
         idx = torch.randint(0, len(x), (args.batch_size,), generator=gen)
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(x[idx]), y[idx]).backward()
+        before = [p.detach().clone() for _, p in weights]
         optimizer.step()
+        for (name, p), w0 in zip(weights, before):
+            series.setdefault(f"grad_norm/{name}", []).append((step, p.grad.norm().item()))
+            series.setdefault(f"update_ratio/{name}", []).append((step, ((p.detach() - w0).norm() / w0.norm()).item()))
     trained, loss1 = weight_grad_norms(model, loss_fn, x[probe], y[probe])
-    return {"init": init, "trained": trained, "loss_init": loss0, "loss_trained": loss1}
+    return {"init": init, "trained": trained, "loss_init": loss0, "loss_trained": loss1,
+            "report": diagnose(series) if args.steps else None}
 
 
 def plot(results: dict[str, dict], steps: int, out: Path, title: str) -> None:
@@ -102,6 +112,18 @@ def print_table(results: dict[str, dict], steps: int) -> None:
     Console(width=max(100, Console().width)).print(table)
 
 
+def print_verdicts(results: dict[str, dict]) -> None:
+    table = Table(title="health report (gradlab.health) on each variant's training steps", header_style="bold",
+                  show_lines=True)
+    for col in ("variant", "verdict", "layer", "steps", "evidence"):
+        table.add_column(col, overflow="fold", max_width=70 if col == "evidence" else 24)
+    for variant, r in results.items():
+        for f in r["report"].findings:
+            table.add_row(variant, f.verdict, f.layer, f"{f.steps[0]}–{f.steps[1]}", f.evidence,
+                          style="green" if f.verdict == "healthy" else "yellow")
+    Console(width=max(140, Console().width)).print(table)
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=15, help="hidden layers (default 15)")
@@ -125,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     plot(results, args.steps, args.out,
          f"{args.depth} hidden layers x {args.width} units on {data}, SGD lr {args.lr}, batch {args.batch_size}")
     print_table(results, args.steps)
+    if args.steps:
+        print_verdicts(results)
     print(f"wrote {args.out}")
     return results
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import TENSORS, EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
 from gradlab.callbacks.grad_norm import GradNormMonitor
@@ -331,3 +332,26 @@ def test_train_py_mlp_and_rnn_log_every_layer(mlp_and_rnn_sweep, job, params):
         assert after == pytest.approx({s: min(v, 1.0) for s, v in total.items()}, rel=1e-4)
     else:
         assert "grad_norm/total_after_clip" not in scalars
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps: every job has its own TensorBoard layout (callbacks/layout.py), of its own layers.
+
+def layout_of(tb_dir: Path) -> layout_pb2.Layout:
+    acc = EventAccumulator(str(tb_dir), size_guidance={TENSORS: 0})
+    acc.Reload()
+    (event,) = acc.Tensors("custom_scalars__config__")
+    return layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+
+
+def test_every_sweep_job_writes_its_own_layout(mlp_and_rnn_sweep):
+    for job, first_param in (("0", "layers.fc1.weight"), ("1", "embedding.weight")):
+        layout = layout_of(mlp_and_rnn_sweep / job / "tensorboard")
+        grads = layout.category[0].chart[0].multiline.tag
+        logged = [t for t in read_scalars(mlp_and_rnn_sweep / job) if t.startswith("grad_norm_log10/")
+                  and not t.startswith("grad_norm_log10/total")]
+        assert [t.strip("^$").replace("\\", "") for t in grads] == logged  # every layer, in the order logged
+        assert grads[0] == f"^grad_norm_log10/{first_param.replace('.', chr(92) + '.')}$"
+        acts = [c for cat in layout.category if cat.title == "activation health" for c in cat.chart]
+        assert acts and all(tag.startswith("^act/") for c in acts for tag in c.multiline.tag)
+

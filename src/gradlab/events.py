@@ -1,10 +1,19 @@
-"""Read scalars back from a run's TensorBoard event files, for plots, reports and tests."""
+"""Read scalars back from a run's TensorBoard event files, for plots, reports and tests.
 
+The one reader for finished and live runs: `read_scalars(run_dir)` reads everything once; a `RunReader` kept
+by a callback reads only what was appended since its last call (TensorBoard's EventAccumulator goes on from
+where it stopped), so a live run's picture or report costs the new events, not the whole file again.
+"""
+
+import logging
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
 from gradlab.errors import UserError
+
+# The accumulator logs "No path found after <file>" at INFO each time it reaches the end of a live file.
+logging.getLogger("tensorboard").setLevel(logging.WARNING)
 
 Series = list[tuple[int, float]]  # (step, value), sorted by step
 
@@ -22,16 +31,30 @@ def event_dirs(path: str | Path) -> list[Path]:
     return dirs
 
 
-def read_scalars(path: str | Path, prefix: str = "") -> dict[str, Series]:
-    """{tag: [(step, value), ...]} for tags starting with `prefix`, in the order the run first logged them.
+class RunReader:
+    """Scalars of one run folder, re-read incrementally on every `scalars()` call."""
 
-    Several event folders or files (a resumed run) are merged; where two hold the same step, the later wins.
-    """
-    merged: dict[str, dict[int, float]] = {}
-    for folder in event_dirs(path):
-        acc = EventAccumulator(str(folder), size_guidance={SCALARS: 0})  # 0: keep every point, no sampling
-        acc.Reload()
-        for tag in acc.Tags()[SCALARS]:
-            if tag.startswith(prefix):
-                merged.setdefault(tag, {}).update((e.step, e.value) for e in acc.Scalars(tag))
-    return {tag: sorted(points.items()) for tag, points in merged.items()}
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._accumulators: dict[Path, EventAccumulator] = {}
+
+    def scalars(self, prefix: str = "") -> dict[str, Series]:
+        """{tag: [(step, value), ...]} for tags starting with `prefix`, in the order the run first logged them.
+
+        Several event folders or files (a resumed run) are merged; where two hold the same step, the later wins.
+        """
+        merged: dict[str, dict[int, float]] = {}
+        for folder in event_dirs(self.path):
+            acc = self._accumulators.get(folder)
+            if acc is None:
+                acc = self._accumulators[folder] = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
+            acc.Reload()  # 0 above: keep every point, no sampling
+            for tag in acc.Tags()[SCALARS]:
+                if tag.startswith(prefix):
+                    merged.setdefault(tag, {}).update((e.step, e.value) for e in acc.Scalars(tag))
+        return {tag: sorted(points.items()) for tag, points in merged.items()}
+
+
+def read_scalars(path: str | Path, prefix: str = "") -> dict[str, Series]:
+    """All scalars of a run (see RunReader.scalars)."""
+    return RunReader(path).scalars(prefix)

@@ -11,6 +11,8 @@ Tags (a contract, like train/loss):
     grad_norm/total_after_clip the same after clipping (only when clipping is on)
     param_norm/<param>         ‖w‖ before the optimizer step
     update_ratio/<param>       ‖Δw‖/‖w‖ of the optimizer step: around 1e-3 is healthy, 1e-1 is too big a step
+    grad_norm_log10/*, update_ratio_log10/*   log10 of the above, for the layout's charts (log10=true)
+    update_ratio_log10/band_{low,1e-3,high}   -4, -3, -2: the healthy band's reference lines in the layout
     grad_hist/<param>          gradient histograms (TensorBoard only; off unless histogram_every_n_steps > 0)
 
 Where gradients are read: Lightning calls `on_before_optimizer_step` after the closure (backward, and with it
@@ -32,12 +34,16 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
-from tensorboard.compat.proto.summary_pb2 import Summary
 
 from gradlab.callbacks.resume import ResumeCheckpoint
+from gradlab.callbacks.writer import log_scalars
 from gradlab.errors import UserError
 
 NONFINITE, VANISHING, EXPLODING = "non-finite", "vanishing", "exploding"
+# The healthy band of ‖Δw‖/‖w‖ drawn in the layout: a decade either side of the usual 1e-3, as log10 values.
+RATIO_BAND = {"update_ratio_log10/band_low": -4.0, "update_ratio_log10/band_1e-3": -3.0,
+              "update_ratio_log10/band_high": -2.0}
+_log = log_scalars  # the shared writer (callbacks/writer.py), under its former name
 
 
 class GradNormMonitor(Callback):
@@ -51,6 +57,8 @@ class GradNormMonitor(Callback):
     on_nonfinite: "warn" prints a warning on logging steps; "stop" checks every step, skips the optimizer
         step whose gradients are NaN/inf (so the weights stay finite) and ends training cleanly.
     strip_prefix: removed from parameter names in tags (`net.conv1.weight` -> `conv1.weight`).
+    log10: also log `grad_norm_log10/*` and `update_ratio_log10/*` (and the healthy band's three reference
+        lines), which the TensorBoard layout charts: these families span orders of magnitude.
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class GradNormMonitor(Callback):
         patience: int = 3,
         on_nonfinite: str = "stop",
         strip_prefix: str = "net.",
+        log10: bool = True,
     ):
         if on_nonfinite not in ("warn", "stop"):
             raise UserError(f"callbacks.grad_norm.on_nonfinite must be 'warn' or 'stop', not {on_nonfinite!r}.")
@@ -78,6 +87,7 @@ class GradNormMonitor(Callback):
         self.patience = patience
         self.on_nonfinite = on_nonfinite
         self.strip_prefix = strip_prefix
+        self.log10 = log10
         self.stopped_at: Optional[int] = None  # the step whose non-finite gradients stopped training
         self._every = 1
         self._clipping = False
@@ -156,7 +166,11 @@ class GradNormMonitor(Callback):
         if self.update_ratio:
             metrics.update({f"param_norm/{name}": v for name, v in zip(names, values[i:i + n])})
             metrics.update({f"update_ratio/{name}": v for name, v in zip(names, values[i + n:i + 2 * n])})
-        _log(trainer, metrics, pending["step"])
+        if self.log10:
+            metrics.update(log10_copies(metrics))
+            if self.update_ratio:
+                metrics.update(RATIO_BAND)
+        log_scalars(trainer, metrics, pending["step"])
         self._check_health(pending["step"], dict(zip(names, values[:n])))
 
     def _tag(self, name: str) -> str:
@@ -243,15 +257,14 @@ class GradNormMonitor(Callback):
             highlight=False)
 
 
-def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            # One event holding every value: add_scalar per tag costs a queue hand-off to the writer thread
-            # each, which was most of this callback's time.
-            summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()])
-            logger.experiment._get_file_writer().add_summary(summary, step)
-        else:
-            logger.log_metrics(metrics, step=step)
+def log10_copies(metrics: dict[str, float]) -> dict[str, float]:
+    """`grad_norm_log10/<param>` beside `grad_norm/<param>` (and update_ratio); zero and NaN give NaN, inf stays."""
+    out = {}
+    for tag, v in metrics.items():
+        family, _, name = tag.partition("/")
+        if family in ("grad_norm", "update_ratio"):
+            out[f"{family}_log10/{name}"] = math.log10(v) if v > 0 else math.nan  # NaN > 0 is False
+    return out
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
