@@ -8,11 +8,14 @@ def print_results(metrics: dict, run_dir: str) -> None:
     table = Table(title="Results", show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in sorted(k for k in metrics if "/" in k and not k.startswith("grad_norm")):
+    numbers = [k for k in metrics if isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)]
+    for key in sorted(k for k in numbers if "/" in k and not k.startswith("grad_norm")):
         table.add_row(key, f"{metrics[key]:.4f}")
     for key in ("epochs", "steps", "epoch", "step", "wall_time_s"):
         if key in metrics:
             table.add_row(key, str(metrics[key]))
     console = Console()
     console.print(table)
+    if "grad_noise/reading" in metrics:  # what the gradient noise scale says about the batch size
+        console.print(metrics["grad_noise/reading"], highlight=False)
     console.print(f"Run dir: {run_dir}   (tensorboard --logdir {run_dir})")

@@ -87,6 +87,9 @@ def _run(cfg: DictConfig) -> Optional[float]:
         "overrides": hydra_overrides(),
         "status": "interrupted" if trainer.interrupted else "completed",
     })
+    for callback in callbacks:  # instruments with a summary for metrics.json (grad_noise: B_simple, a reading)
+        if hasattr(callback, "final_metrics"):
+            metrics.update(callback.final_metrics())
     log_hparams(trainer, cfg, metrics)
     if trainer.is_global_zero:
         _write_json(os.path.join(output_dir(cfg), "metrics.json"), metrics)

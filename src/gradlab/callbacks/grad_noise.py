@@ -1,0 +1,422 @@
+"""Gradient noise per layer: tr(Σ), ‖G‖², the gradient noise scale B_simple and Cockpit's norm test.
+
+    python train.py                                              # on by default, every 64 optimizer steps
+    python train.py callbacks.grad_noise.log_every_n_steps=8     # denser readings
+    python train.py callbacks.grad_noise.log_every_n_steps=0     # off (or callbacks.grad_noise=null)
+
+Tags (a contract, like train/loss), per parameterized layer (weight and bias together) and `total`:
+    grad_noise/trace_cov/<layer>  tr(Σ): the per-example gradient variance summed over the layer's weights
+    grad_noise/signal/<layer>     ‖G‖²: the squared norm of the true (full-data) gradient, unbiased estimate
+    grad_noise/b_simple/<layer>   B_simple = tr(Σ)/‖G‖² (McCandlish et al. 2018), from running averages of both
+    grad_noise/snr/<layer>        Cockpit's norm test √(tr(Σ)/(B‖g‖²)): noise over signal of the batch gradient
+    grad_noise/batch_size         B, the examples behind one optimizer step (all ranks, all micro-batches)
+
+Estimators. With per-group gradient sums s_j over n_j examples (m groups, N examples in the step, g the
+step's gradient, a mean over the N examples), E[Σ_j ‖s_j‖²/n_j] = N‖G‖² + m·tr(Σ) and E[N‖g‖²] = N‖G‖² + tr(Σ):
+
+    tr(Σ) ≈ (Σ_j ‖s_j‖²/n_j − N‖g‖²) / (m − 1)        ‖G‖² ≈ ‖g‖² − tr(Σ)/N
+
+both unbiased. A group is one example where per-example gradients are cheap and exact (then this is the
+sample variance), else a micro-batch or half of one (the two-batch-size estimator of McCandlish et al.,
+Appendix A, with B_small = n_j and B_big = N).
+
+Where per-example gradient norms come from (`PerExampleTap`, module forward hooks for the input aᵢ plus a
+tensor hook on the output for δᵢ = ∂L/∂outᵢ; nothing reads a Function's ctx):
+    nn.Linear and gradlab.autograd.modules.Linear on (B, in): ‖gᵢ(W)‖² = ‖aᵢ‖²·‖δᵢ‖² (Goodfellow 2015) and
+        ‖gᵢ(b)‖² = ‖δᵢ‖², O(B·(in+out)); on (B, T, in) the per-example gradient sums T outer products: as conv.
+    nn.Conv2d: the per-example gradient δᵢ·unfold(aᵢ)ᵀ, (out, in·k²), materialized by one batched matmul, or its
+        Gram form Σ_pq (UUᵀ)_pq(δδᵀ)_pq when P·(in·k²+out) < in·k²·out (P output positions): for the MNIST CNN
+        the matmul is 2.3x (conv1) and 6x (conv2) cheaper than the Gram form.
+    everything else (RNN/GRU/LSTM, embeddings, a layer called twice in one forward, the fused MLP stack) and
+        every layer of a model with batch norm in training mode: groups. Where a step has several micro-batches
+        (trainer.accumulate_grad_batches) or ranks (DDP), each micro-batch on each rank is a group, read from the
+        parameter's gradient before accumulation and all-reduce: free. Otherwise the batch is split in two
+        halves: one extra backward of the first half's rows, on the same graph (no new forward, no RNG drawn).
+    Batch norm in training mode normalizes each example with its batch's statistics, so an example's loss
+    depends on the others and per-example gradients are not defined; groups that are whole batches (micro-batches,
+    ranks) stay valid. Halves of one batch share its statistics, a coupling of order 1/B that is ignored.
+
+Scale. Lightning's loss is the batch mean divided by the accumulation count k, so the hooks see
+δᵢ = (1/(k·n))·(example i's output gradient) on a micro-batch of n (times the fp16 loss scale): the tap
+multiplies by k·n/scale. The training step is untouched: hooks only read, the extra backward returns its
+gradients instead of accumulating them, and on other steps no hook is attached.
+"""
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from rich.console import Console
+from torch import nn
+
+from gradlab.callbacks.grad_norm import _log
+from gradlab.errors import UserError
+
+PREFIX = "grad_noise/"
+
+
+# ---- the estimators (plain functions: the callback, the tests and reports call them) -----------------------
+def noise_estimates(q: torch.Tensor, m: torch.Tensor, n: float, sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tr(Σ), ‖G‖²) from q = Σ_j ‖s_j‖²/n_j over m groups, n examples and sq = ‖g‖² of the step's mean gradient."""
+    trace = (q - n * sq) / (m - 1)  # m < 2 gives inf/nan: no estimate from one group
+    return trace, sq - trace / n
+
+
+def norm_test(trace: torch.Tensor, sq: torch.Tensor, n: float) -> torch.Tensor:
+    """Cockpit's norm test √(tr(Σ)/(n‖g‖²)): the batch gradient's noise relative to its size; < 1 means a reliable
+    direction (Byrd et al. 2012 with θ = 1). Equal to √(B_simple/n) up to using ‖g‖² for ‖G‖²."""
+    return torch.sqrt(trace.clamp(min=0) / (n * sq))
+
+
+def reading(b_simple: Optional[float], batch_size: int) -> str:
+    """One sentence on what B_simple says about the batch size in use (steps ∝ 1 + B_simple/B, McCandlish eq. 2.7)."""
+    if b_simple is None or not math.isfinite(b_simple) or b_simple <= 0:
+        return (f"B_simple is not measurable yet with batch {batch_size}: the gradient's signal is still within its "
+                "noise (log more often or for longer).")
+    b = b_simple
+    cut = 1 - (1 + b / (2 * batch_size)) / (1 + b / batch_size)  # fewer steps when the batch doubles
+    head = f"B_simple ≈ {b:,.0f} with batch {batch_size}: "
+    if batch_size < b / 2:
+        return head + (f"a larger batch (or more GPUs) would cut steps nearly proportionally, up to ~B_simple "
+                       f"(doubling the batch: {cut:.0%} fewer steps).")
+    if batch_size <= 2 * b:
+        return head + (f"the batch is near the critical batch size: doubling it would save {cut:.0%} of the steps "
+                       "for twice the examples.")
+    return head + (f"the batch is past the critical batch size: doubling it would save only {cut:.0%} of the steps; "
+                   "a smaller batch would need nearly as few steps for fewer examples.")
+
+
+def summarize(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
+    """The last B_simple reading of a run from its scalars (`gradlab.events.read_scalars(run, "grad_noise/")`)."""
+    b = scalars.get(PREFIX + "b_simple/total")
+    n = scalars.get(PREFIX + "batch_size")
+    if not b or not n:
+        return {}
+    step, value = b[-1]
+    batch = int(n[-1][1])
+    return {"step": step, "b_simple": value, "batch_size": batch, "reading": reading(value, batch)}
+
+
+# ---- per-example squared norms -------------------------------------------------------------------------------
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x if x.element_size() >= 4 else x.float()  # squares of 16-bit values lose too much
+
+
+def _outer_sq(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """‖Σ_p d_p u_pᵀ‖² per example, u (B, P, I), d (B, P, O): by materializing or by the Gram form, the cheaper."""
+    _, p, i = u.shape
+    o = d.shape[-1]
+    if p * (i + o) < i * o:
+        return (u @ u.transpose(1, 2) * (d @ d.transpose(1, 2))).sum((1, 2))  # (B, P, P) twice: B·P²·(I+O)
+    return (d.transpose(1, 2) @ u).square().sum((1, 2))  # (B, O, I): B·P·I·O
+
+
+def linear_sq(a: torch.Tensor, d: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Σ over the layer's parameters of ‖gᵢ‖² per example, for y = a·Wᵀ + b with a (B, [T,] in), δ (B, [T,] out)."""
+    a, d = _wide(a), _wide(d)
+    if a.dim() == 2:
+        dd = d.square().sum(1)                       # ‖δᵢ‖²: (B,)
+        sq = a.square().sum(1) * dd                  # ‖δᵢaᵢᵀ‖² = ‖aᵢ‖²·‖δᵢ‖²
+        return sq + dd if bias else sq
+    a, d = a.flatten(1, -2), d.flatten(1, -2)        # (B, T, in), (B, T, out)
+    sq = _outer_sq(a, d)
+    return sq + d.sum(1).square().sum(1) if bias else sq
+
+
+def conv2d_sq(conv: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The same for a Conv2d (groups 1, zero padding) with input a (B, C, H, W) and output gradient δ (B, O, H', W')."""
+    a, d = _wide(a), _wide(d)
+    u = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)  # (B, P, C·kh·kw)
+    d = d.flatten(2).transpose(1, 2)                 # (B, P, O)
+    sq = _outer_sq(u, d)
+    return sq + d.sum(1).square().sum(1) if conv.bias is not None else sq
+
+
+def exact_kind(module: nn.Module) -> Optional[str]:
+    """'linear' or 'conv' where per-example norms have an exact cheap form, else None (groups)."""
+    if isinstance(module, nn.Linear):  # gradlab.autograd.modules.Linear subclasses it
+        return "linear"
+    if (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)):
+        return "conv"
+    return None
+
+
+def mixes_samples(model: nn.Module) -> list[str]:
+    """Names of batch-norm layers in training mode: each example's output depends on its whole batch."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+# ---- the hook ------------------------------------------------------------------------------------------------
+class PerExampleTap:
+    """Per-layer sums of squared group gradients over one optimizer step, from hooks attached for that step.
+
+        tap = PerExampleTap(model)
+        tap.attach(scale=1.0, grouped=False)      # before the step's forward passes
+        loss.backward()                           # any number of micro-batches
+        names, q, m, n = tap.collect()            # then sq = ‖.grad‖² per layer -> noise_estimates(q, m, n, sq)
+        tap.detach()
+
+    `model(...)`'s output must be (B, ...) rows of independent examples and the loss a mean over them (times
+    1/scale). A layer is a module with parameters of its own. `grouped=True` makes each micro-batch one group
+    (the caller knows there are at least two); otherwise non-exact layers get two groups per micro-batch.
+    """
+
+    def __init__(self, model: nn.Module, strip_prefix: str = ""):
+        self.model = model
+        self.layers: list[tuple[str, nn.Module, list[nn.Parameter]]] = []
+        for name, module in model.named_modules():
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if params:
+                tag = name[len(strip_prefix):] if strip_prefix and name.startswith(strip_prefix) else name
+                self.layers.append((tag or "model", module, params))
+        self.batch_norm: list[str] = []  # batch-norm layers in training mode, seen in the last backward
+        self._handles: list[Any] = []
+        self.estimated: set[int] = set()  # layers measured by groups in the last micro-batch
+
+    # -- attach / detach
+    def attach(self, scale: float = 1.0, grouped: bool = False) -> None:
+        if self._handles:
+            return
+        self.scale, self.grouped = scale, grouped
+        self.q = [None] * len(self.layers)           # Σ_j ‖s_j‖²/n_j per layer, a tensor on the device
+        self.m = [0] * len(self.layers)              # groups per layer
+        self.n = 0                                   # examples in the step
+        self._owner = {}
+        for i, (_, module, params) in enumerate(self.layers):
+            self._handles.append(module.register_forward_hook(self._on_layer_forward(i)))
+            for p in params:
+                self._owner[p] = i
+                self._handles.append(p.register_hook(self._on_param_grad(i, p)))
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
+        self._handles.append(self.model.register_forward_hook(self._on_model_end))
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._inputs, self._split = [], {}, {}
+
+    def collect(self) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
+        """(layer names, q (L,), m (L,), n) of the layers that received gradients."""
+        kept = [i for i, q in enumerate(self.q) if q is not None]
+        q = torch.stack([self.q[i] for i in kept]) if kept else torch.zeros(0)
+        m = torch.tensor([float(self.m[i]) for i in kept], dtype=q.dtype, device=q.device)
+        return [self.layers[i][0] for i in kept], q, m, self.n
+
+    # -- hooks of one micro-batch
+    def _on_model_start(self, module, args) -> None:
+        self._inputs: dict[int, list[torch.Tensor]] = {}  # layer -> inputs of its calls in this forward
+        self._split: dict[nn.Parameter, torch.Tensor] = {}
+        self._rows = 0
+
+    def _on_layer_forward(self, i: int):
+        def hook(module, args, out):
+            self._inputs.setdefault(i, []).append(args[0] if args else None)
+            if exact_kind(module) and torch.is_tensor(out) and out.requires_grad:
+                out.register_hook(self._on_layer_grad(i, module, len(self._inputs[i])))
+        return hook
+
+    def _on_model_end(self, module, args, out) -> None:
+        # Decide per layer now: in the backward, a layer's hook on the model's own output tensor runs before ours.
+        if not (torch.is_tensor(out) and out.requires_grad):
+            return
+        rows = self._rows = out.shape[0]
+        self.batch_norm = mixes_samples(self.model)
+        self.estimated = set()
+        for i, (_, layer, _) in enumerate(self.layers):
+            calls = self._inputs.get(i, [])
+            exact = (not self.batch_norm and len(calls) == 1 and exact_kind(layer) is not None
+                     and torch.is_tensor(calls[0]) and calls[0].shape[0] == rows)
+            if not exact:
+                self.estimated.add(i)
+        out.register_hook(self._on_output_grad(out))
+
+    def _on_output_grad(self, out: torch.Tensor):
+        # Runs before any parameter's gradient exists: the extra half-batch backward, if one is needed.
+        def hook(grad: torch.Tensor) -> None:
+            if self._in_split:  # the extra backward below starts at this same tensor
+                return
+            rows = self._rows
+            self.n += rows
+            if self.grouped or not self.estimated or rows < 2:
+                return
+            params = [p for i in sorted(self.estimated) for p in self.layers[i][2]]
+            mask = torch.zeros(rows, *([1] * (grad.dim() - 1)), dtype=grad.dtype, device=grad.device)
+            mask[: rows // 2] = 1
+            self._in_split = True
+            try:  # same graph, first half's rows: their gradient, returned, not accumulated into .grad
+                half = torch.autograd.grad(out, params, grad * mask, retain_graph=True, allow_unused=True)
+            finally:
+                self._in_split = False
+            self._split = {p: g for p, g in zip(params, half)}
+        return hook
+
+    _in_split = False
+
+    def _add(self, i: int, value: torch.Tensor, groups: int) -> None:
+        self.q[i] = value if self.q[i] is None else self.q[i] + value
+        self.m[i] += groups
+
+    def _on_layer_grad(self, i: int, module: nn.Module, call: int):
+        @torch.no_grad()
+        def hook(d: torch.Tensor) -> None:
+            if self._in_split or i in self.estimated:
+                return
+            a = self._inputs[i][call - 1]
+            if exact_kind(module) == "linear":
+                sq = linear_sq(a, d, module.bias is not None)
+            else:
+                sq = conv2d_sq(module, a, d)
+            f = self.scale * self._rows  # δ carries 1/(k·n) of the mean loss: back to example i's own gradient
+            self._add(i, sq.sum() * f * f, self._rows)
+        return hook
+
+    def _on_param_grad(self, i: int, p: nn.Parameter):
+        @torch.no_grad()
+        def hook(g: torch.Tensor) -> None:
+            # This micro-batch's own gradient of p on this rank, before accumulation into .grad and before DDP.
+            if self._in_split or i not in self.estimated:
+                return
+            if g.is_sparse:
+                g = g.coalesce().to_dense()
+            rows, f = self._rows, self.scale * self._rows
+            s = _wide(g) * f  # the sum of the micro-batch's per-example gradients
+            if self.grouped or rows < 2:
+                self._add_param(i, p, s.square().sum() / rows, 1)
+                return
+            half = self._split.get(p)
+            s_a = _wide(half) * f if half is not None else torch.zeros_like(s)
+            n_a = rows // 2
+            self._add_param(i, p, s_a.square().sum() / n_a + (s - s_a).square().sum() / (rows - n_a), 2)
+        return hook
+
+    def _add_param(self, i: int, p: nn.Parameter, value: torch.Tensor, groups: int) -> None:
+        # A layer's groups are counted once, on its first parameter; its other parameters add to the same q.
+        first = self.layers[i][2][0] is p
+        self.q[i] = value if self.q[i] is None else self.q[i] + value
+        if first:
+            self.m[i] += groups
+
+
+# ---- the callback --------------------------------------------------------------------------------------------
+class GradNoiseMonitor(Callback):
+    """Logs grad_noise/{trace_cov,signal,b_simple,snr}/<layer> and /total every `log_every_n_steps` optimizer steps.
+
+    log_every_n_steps: 0 switches the instrument off (no hook is ever attached).
+    smoothing: B_simple is the ratio of exponential moving averages of tr(Σ) and ‖G‖² over logging steps, as
+        McCandlish et al. recommend (a ratio of single-step estimates is very noisy); 0 uses each step alone.
+    strip_prefix: removed from module names in tags (`net.conv1` -> `conv1`).
+    """
+
+    def __init__(self, log_every_n_steps: int = 64, smoothing: float = 0.9, strip_prefix: str = "net."):
+        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
+            raise UserError(f"callbacks.grad_noise.log_every_n_steps must be an integer >= 0 (0: off), "
+                            f"not {log_every_n_steps!r}.")
+        if not 0 <= smoothing < 1:
+            raise UserError(f"callbacks.grad_noise.smoothing must be in [0, 1), not {smoothing!r}.")
+        self.log_every_n_steps = log_every_n_steps
+        self.smoothing = smoothing
+        self.strip_prefix = strip_prefix
+        self.tap: Optional[PerExampleTap] = None
+        self.last: dict[str, float] = {}              # the last logged values, by tag
+        self._ema: dict[str, torch.Tensor] = {}
+        self._told = False
+        self._console = Console(stderr=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.log_every_n_steps == 0:
+            return
+        self.tap = PerExampleTap(pl_module, self.strip_prefix)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if self.tap is None or trainer.global_step % self.log_every_n_steps != 0:
+            return
+        k = trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = k / (scaler.get_scale() if scaler is not None else 1.0)
+        # Several micro-batches or ranks per step: each one a group, for free; otherwise halves of the batch.
+        self.tap.attach(scale=scale, grouped=k * trainer.world_size >= 2)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        tap = self.tap
+        if tap is None or not tap.attached:
+            return
+        tap.detach()
+        names, q, m, n = tap.collect()
+        if not names:
+            return
+        index = {name: i for i, (name, _, _) in enumerate(tap.layers)}
+        grads = [[p.grad for p in tap.layers[index[name]][2] if p.grad is not None] for name in names]
+        sq = torch.stack([sum(_dense(g).double().square().sum() for g in gs) for gs in grads])  # ‖g‖² per layer
+        if trainer.world_size > 1:  # sums over ranks; ‖g‖² is of the all-reduced gradient, the same on every rank
+            packed = trainer.strategy.reduce(torch.cat([q, m, q.new_tensor([float(n)])]).double(), reduce_op="sum")
+            q, m, n = packed[: len(q)], packed[len(q): 2 * len(q)], int(packed[-1].item())
+        self._log(trainer, tap, names, q, m, n, sq)
+
+    def _log(self, trainer, tap, names, q, m, n, sq) -> None:
+        trace, signal = noise_estimates(q.double(), m.double(), n, sq.double())
+        trace_t, signal_t, sq_t = trace.sum(), signal.sum(), sq.double().sum()
+        snr = norm_test(trace, sq.double(), n)
+        snr_t = norm_test(trace_t, sq_t, n)
+        tr_all, sig_all = torch.cat([trace, trace_t[None]]), torch.cat([signal, signal_t[None]])
+        b = self._smoothed(tr_all, sig_all)
+        values = torch.cat([tr_all, sig_all, b, snr, snr_t[None]]).tolist()  # one device-to-host copy
+        tags = [*names, "total"]
+        L = len(tags)
+        metrics = {}
+        for j, kind in enumerate(("trace_cov", "signal", "b_simple")):
+            metrics.update({f"{PREFIX}{kind}/{t}": v for t, v in zip(tags, values[j * L:(j + 1) * L])})
+        metrics.update({f"{PREFIX}snr/{t}": v for t, v in zip(tags, values[3 * L:])})
+        metrics[PREFIX + "batch_size"] = float(n)
+        self.last = metrics
+        if trainer.is_global_zero:
+            _log(trainer, metrics, trainer.global_step)
+            if not self._told:
+                self._tell(tap, names)
+        self._told = True
+
+    def _smoothed(self, trace: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        # Ratio of EMAs; their bias corrections (1 - β^t) are equal and cancel in the ratio.
+        beta = self.smoothing
+        for key, value in (("trace", trace), ("signal", signal)):
+            old = self._ema.get(key)
+            self._ema[key] = value if old is None or old.shape != value.shape else beta * old + (1 - beta) * value
+        b = self._ema["trace"] / self._ema["signal"]
+        return torch.where(self._ema["signal"] > 0, b, torch.full_like(b, math.nan))
+
+    def _tell(self, tap: PerExampleTap, names: list[str]) -> None:
+        est = [tap.layers[i][0] for i in sorted(tap.estimated) if tap.layers[i][0] in names]
+        exact = [t for t in names if t not in est]
+        lines = []
+        if exact:
+            lines.append(f"exact per-example gradient norms for {', '.join(exact)}")
+        if est:
+            how = ("each micro-batch of each rank a group" if tap.grouped
+                   else "two halves of each batch, one extra backward per logging step")
+            lines.append(f"two-batch estimate for {', '.join(est)} ({how})")
+        note = ""
+        if tap.batch_norm:
+            note = (f" Batch norm in training mode ({', '.join(tap.batch_norm)}) mixes the samples of a batch, so "
+                    "per-example gradients are not defined in this model: every layer is estimated from groups"
+                    + ("." if tap.grouped else "; halves of one batch share its statistics (a 1/B coupling); "
+                       "trainer.accumulate_grad_batches=2 makes each group its own batch."))
+        self._console.print(f"[bold]grad_noise[/]: {'; '.join(lines)}.{note}", highlight=False)
+
+    def final_metrics(self) -> dict[str, Any]:
+        """For metrics.json and the results table: the last B_simple, the batch it was measured at, a reading."""
+        if not self.last:
+            return {}
+        b, n = self.last[PREFIX + "b_simple/total"], int(self.last[PREFIX + "batch_size"])
+        return {PREFIX + "b_simple/total": b, PREFIX + "batch_size": n, PREFIX + "reading": reading(b, n)}
+
+
+def _dense(grad: torch.Tensor) -> torch.Tensor:
+    return grad.coalesce().values() if grad.is_sparse else grad
