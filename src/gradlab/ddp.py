@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import read_write
+from omegaconf import OmegaConf, read_write
 
 # Set in the launching process by Lightning's subprocess launcher; a leftover LOCAL_RANK makes the next job
 # believe its ranks were started externally.
@@ -49,7 +49,8 @@ def ddp_children_join_this_job(output_dir: str) -> Iterator[None]:
     saved_argv, saved_threads = sys.argv, torch.get_num_threads()
     if launching:
         hydra_cfg = HydraConfig.get()
-        saved_run_dir = hydra_cfg.run.dir
+        # Unresolved: in a multirun, resolving it would claim a run folder nobody uses (conf/hydra/default.yaml).
+        saved_run_dir = OmegaConf.to_container(hydra_cfg.run, resolve=False)["dir"]
         sys.argv = child_argv(sys.argv, list(hydra_cfg.overrides.task))
         with read_write(hydra_cfg.run):
             hydra_cfg.run.dir = output_dir  # Lightning appends hydra.run.dir=<this>

@@ -1,16 +1,67 @@
-"""Run folders: which checkpoint `ckpt_path=last` or `ckpt_path=<run folder>` means, and where a resumed run writes.
+"""Run folders: a new one for every run, which checkpoint `ckpt_path=last` or `ckpt_path=<run folder>` means, and
+where a resumed run writes.
 
     logs/train/runs/<time>/checkpoints/last.ckpt       # `last`: the newest of these, by modification time
     logs/train/runs/<time>/checkpoints/epoch_NNN.ckpt  # a run folder, for eval/predict: its best (metrics.json)
+    logs/train/runs/<time>_01/                         # a second run started in the same second
 """
 
 import glob
 import json
 import os
+import sys
+import time
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from gradlab.errors import UserError
+from gradlab.errors import EXIT_USER_ERROR, UserError
+
+# A name taken by another run gets the first free suffix: <time>, <time>_01, <time>_02, ... (two digits, so that
+# names still sort by time up to 99 runs a second).
+MAX_CLAIMS = 10_000
+
+
+def claim_dir(parent: str, name: str = "") -> str:
+    """`parent/<name>`, or else a new folder `parent/<now>[_NN]` that this process alone created.
+
+    os.mkdir is atomic (also on NFS): of the runs that start in the same second, on this machine or on others
+    sharing the filesystem, exactly one creates a given name; the others take the next suffix. A given `name` (the
+    SLURM job id, the same for every rank of the job and again after a requeue) is shared, not claimed.
+    """
+    try:
+        if name:
+            return os.path.join(parent, name)  # Hydra creates it, or finds it from an earlier rank or attempt
+        os.makedirs(parent, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        for n in range(MAX_CLAIMS):
+            path = os.path.join(parent, stamp if n == 0 else f"{stamp}_{n:02d}")
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise UserError(f"Cannot create a run folder under {parent}: {err.strerror or err}. Nothing was started. "
+                        "Fix: make it writable, or point paths.log_dir (or paths.root_dir, or GRADLAB_ROOT) at a "
+                        "folder you can write to.") from None
+    raise UserError(f"{parent} already holds {MAX_CLAIMS} run folders named {stamp}*; wait a second and retry.")
+
+
+def _claim_dir_or_exit(parent: str, name: str = "") -> str:
+    # Resolved by Hydra before the task starts, where an exception would come out as an interpolation traceback.
+    try:
+        return claim_dir(str(parent), "" if name is None else str(name))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def register_resolver() -> None:
+    """`${gradlab.claim_dir:<parent>[,<name>]}` for conf/hydra/default.yaml. Cached (like `${now:}`): Hydra and
+    HydraConfig.get() read hydra.run.dir more than once, and a sweep's jobs (local, submitit, SLURM) copy the
+    resolved sweep dir from the launching process's config instead of claiming one each."""
+    if not OmegaConf.has_resolver("gradlab.claim_dir"):
+        OmegaConf.register_new_resolver("gradlab.claim_dir", _claim_dir_or_exit, use_cache=True)
 
 
 def resolve_checkpoint(cfg: DictConfig) -> None:

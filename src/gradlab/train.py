@@ -70,6 +70,8 @@ def _run(cfg: DictConfig) -> Optional[float]:
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics.update(_scalars(trainer.callback_metrics))
+        if trainer.is_global_zero and not trainer.interrupted:
+            metrics = _fit_metrics_of_finished_fit(metrics, os.path.join(output_dir(cfg), "metrics.json"), trainer)
     best = _best_checkpoint(trainer)
     if cfg.get("test", True):
         if best is None and cfg.get("train", True) and not trainer.fast_dev_run:
@@ -96,6 +98,21 @@ def _run(cfg: DictConfig) -> Optional[float]:
         print_results(metrics, output_dir(cfg))
     value = metrics.get(cfg.get("optimized_metric") or "")
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _fit_metrics_of_finished_fit(metrics: dict[str, Any], path: str, trainer: pl.Trainer) -> dict[str, Any]:
+    """Records the fit's metrics (status "testing") before the test stage. A run killed during its test stage and
+    resumed from its last.ckpt trains no step again, so its own fit metrics would be those of an empty epoch:
+    the ones recorded when this same fit (same folder, same step) finished are kept instead."""
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        before = {}
+    if isinstance(before, dict) and before.get("status") == "testing" and before.get("steps") == trainer.global_step:
+        metrics = {**metrics, **{k: v for k, v in before.items() if "/" in k and not k.startswith("test/")}}
+    _write_json(path, {**metrics, "steps": trainer.global_step, "epochs": trainer.current_epoch, "status": "testing"})
+    return metrics
 
 
 def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
