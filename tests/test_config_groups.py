@@ -25,6 +25,7 @@ def compose_with(overrides: list[str], tmp_path: Path):
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.log_dir = str(tmp_path / "logs")  # logger=mlflow's database
     return cfg
 
 

@@ -27,6 +27,11 @@ METRIC_PREFIXES = ("grad_norm/", "param_norm/", "update_ratio/")
 PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true",
               "transformer-engine", "transformer-engine-float16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+# Targets that need a package of their own, beyond their module's (which Lightning has without them), and how to
+# install it: `logger=wandb` without wandb fails here, in a second, instead of after the data is loaded.
+NEEDS = {"lightning.pytorch.loggers.WandbLogger": ("wandb", "pip install wandb"),
+         "lightning.pytorch.loggers.MLFlowLogger": ("mlflow", "pip install mlflow"),
+         "gradlab.trackers.MLFlowLogger": ("mlflow", "pip install mlflow")}
 # Hydra's own keys, which instantiate consumes.
 NOT_ARGUMENTS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
@@ -130,6 +135,8 @@ RULES: list[tuple[str, Check]] = [
     ("callbacks.*.every_n_minutes", (lambda v: v is None or (_num(v) and v > 0), "a number > 0, or null")),
     ("callbacks.*.patience", NON_NEG_INT),
     ("callbacks.*.when", _one_of("auto", "always", "never")),
+    ("callbacks.*.window_size", (lambda v: _int(v) and v >= 2, "an integer >= 2 (batches in the rolling average)")),
+    ("logger.*.flush_every_s", NON_NEGATIVE),
     # eval.py / predict.py
     ("batch_size", COUNT_OR_NULL),
     ("split", _one_of("test", "val")),
@@ -250,13 +257,20 @@ def _target_modules(leaves: list[tuple[str, Any]]) -> list[str]:
         module = value.rsplit(".", 1)[0]
         # Parents of gradlab modules import nothing heavy; for others, finding a submodule would import torch.
         name = module if module.startswith("gradlab.") else module.split(".")[0]
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
+        if not _installed(name):
             problems.append(f"{path}={value}: module {name} not found")
+        elif value in NEEDS and not _installed(NEEDS[value][0]):
+            package, install = NEEDS[value]
+            problems.append(f"{path}={value} needs the {package} package, which is not installed: {install} "
+                            "(or pip install -r requirements.txt)")
     return problems
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ModuleNotFoundError, ValueError):
+        return False
 
 
 # ---- after the heavy imports --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradlab.ddp import ddp_children_join_this_job
 from gradlab.hparams import log_hparams
 from gradlab.reporting import print_results
+from gradlab.trackers import log_config, record_results
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -65,11 +66,13 @@ def _run(cfg: DictConfig) -> Optional[float]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
+    log_config(loggers, cfg)  # MLflow params / W&B config: the whole resolved config
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics.update(_scalars(trainer.callback_metrics))
+        metrics.update(_throughput(trainer))
         if trainer.is_global_zero and not trainer.interrupted:
             metrics = _fit_metrics_of_finished_fit(metrics, os.path.join(output_dir(cfg), "metrics.json"), trainer)
     best = _best_checkpoint(trainer)
@@ -95,6 +98,7 @@ def _run(cfg: DictConfig) -> Optional[float]:
     log_hparams(trainer, cfg, metrics)
     if trainer.is_global_zero:
         _write_json(os.path.join(output_dir(cfg), "metrics.json"), metrics)
+        record_results(loggers, metrics, os.path.join(output_dir(cfg), "metrics.json"))
         print_results(metrics, output_dir(cfg))
     value = metrics.get(cfg.get("optimized_metric") or "")
     return float(value) if isinstance(value, (int, float)) else None
@@ -117,6 +121,12 @@ def _fit_metrics_of_finished_fit(metrics: dict[str, Any], path: str, trainer: pl
 
 def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def _throughput(trainer: pl.Trainer) -> dict[str, float]:
+    from gradlab.callbacks.throughput import ThroughputMonitor
+
+    return next((cb.means(trainer) for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), {})
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> Optional[str]:
