@@ -12,6 +12,8 @@ from typing import Any, Optional
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 log = logging.getLogger(__name__)
+STILL_RUNNING = {"REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED",
+                 "RESV_DEL_HOLD", "STOPPED"}
 
 
 def watch_states_with_squeue_if_no_accounting() -> None:
@@ -59,4 +61,10 @@ class SqueueWhenNoAccounting(SlurmInfoWatcher):
         if self._use_squeue:
             text = string.decode() if isinstance(string, bytes) else string
             string = "JobID|State|NodeList\n" + text  # sacct's --parsable2 layout, which the parser reads
-        return super().read_info(string)
+        info = super().read_info(string)
+        for stats in info.values():
+            # States squeue shows that submitit does not know as unfinished: a requeued job passes through
+            # REQUEUE_FED on its way back to PENDING, and must not be taken for a job that ended without a result.
+            if stats.get("State") in STILL_RUNNING:
+                stats["State"] = "REQUEUED" if stats["State"].startswith("REQUEUE") else "RUNNING"
+        return info

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
+TRAP_USR1 = "trap '' USR1"
+
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def __init__(self, **params: Any) -> None:
@@ -26,6 +28,10 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             check_launcher(self.params)
         except UserError as err:
             fail(str(err))
+        # SIGUSR1 asks the training to checkpoint and requeue (Lightning's SLURM handler). Sent to the batch
+        # shell too (`scancel --signal=USR1 --full`, `--signal=B:USR1@...`), it would kill bash, and with it
+        # the job step, before the requeue: the shell ignores it (srun's tasks are not its children).
+        self.params["setup"] = [TRAP_USR1, *(self.params.get("setup") or [])]
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from gradlab.slurm import watch_states_with_squeue_if_no_accounting
