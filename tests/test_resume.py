@@ -147,7 +147,7 @@ def test_imdb_training_batches_resume_mid_epoch(tmp_path):
 
 def test_sigusr1_is_noted_passed_on_and_its_handler_restored(tmp_path):
     """SIGUSR1 takes the SIGTERM path (save at the end of the batch, then exit); a handler that was there before
-    (Lightning's SLURM requeue) still runs, and is back in place after training."""
+    (Lightning's SLURM requeue) still runs, right after that save, and is back in place after training."""
     from types import SimpleNamespace
 
     from gradlab.callbacks.resume import ResumeCheckpoint
@@ -161,7 +161,17 @@ def test_sigusr1_is_noted_passed_on_and_its_handler_restored(tmp_path):
         callback.on_train_start(trainer, None)
         assert signal.getsignal(signal.SIGUSR1) != before
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert callback._received == signal.SIGUSR1 and seen == [signal.SIGUSR1]
+        assert callback._received == signal.SIGUSR1 and seen == []  # put off to the end of the batch
+        saved = []
+        trainer = SimpleNamespace(fast_dev_run=False, sanity_checking=False, global_step=7, num_training_batches=10,
+                                  current_epoch=0, is_global_zero=True,
+                                  strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+                                  save_checkpoint=lambda path, weights_only: saved.append((path, list(seen))))
+        with pytest.raises(SystemExit) as stopped:
+            callback.on_train_batch_end(trainer, None, None, None, batch_idx=3)
+        # Our last.ckpt first, then Lightning's handler (its hpc checkpoint, from the same whole state; the requeue).
+        assert saved == [(callback.path, [])] and seen == [signal.SIGUSR1]
+        assert stopped.value.code == 128 + signal.SIGUSR1
         callback.on_train_end(trainer, None)
         assert signal.getsignal(signal.SIGUSR1) == before
     finally:

@@ -52,6 +52,11 @@ class JobError(CompactHydraException):
     def __init__(self, err: UserError):
         super().__init__(f"error: {err}\n(the other jobs of the sweep ran; this job's metrics.json records the error)")
 
+    def __reduce__(self):
+        # submitit brings a SLURM job's exception back pickled; rebuilt from `err` again, the message would
+        # say "error: error: ..." and its last line twice.
+        return CompactHydraException.__new__, (JobError,), {"args": self.args}
+
 
 def _user_error_in(err: BaseException) -> Optional[UserError]:
     """The UserError that caused `err`, if any (following `raise ... from` chains)."""

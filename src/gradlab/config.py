@@ -182,12 +182,7 @@ def check(cfg: DictConfig) -> None:
     task = str(cfg.get("task_name") or "train")
     problems: list[str] = []
     leaves = list(_leaves(cfg, problems))
-    for path, value in leaves:
-        for pattern, (holds, allowed) in RULES:
-            if fnmatch.fnmatchcase(path, pattern):
-                if not holds(value):
-                    problems.append(f"{path}={_show(value)}: must be {allowed}")
-                break
+    problems += _broken_rules(leaves, RULES)
     problems += _cross_checks(cfg)
     for key in REQUIRED.get(task, ()):
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
@@ -197,6 +192,46 @@ def check(cfg: DictConfig) -> None:
         unique = list(dict.fromkeys(problems))
         raise UserError("invalid config:\n  " + "\n  ".join(unique) +
                         f"\n(`python {task}.py --cfg job` prints the composed config; defaults live in conf/.)")
+
+
+def _broken_rules(leaves: list[tuple[str, Any]], rules: list[tuple[str, Check]]) -> list[str]:
+    problems = []
+    for path, value in leaves:
+        for pattern, (holds, allowed) in rules:
+            if fnmatch.fnmatchcase(path, pattern):
+                if not holds(value):
+                    problems.append(f"{path}={_show(value)}: must be {allowed}")
+                break
+    return problems
+
+
+# hydra/launcher=slurm: what sbatch would reject, or a job could never use (checked in the launching process).
+LAUNCHER_RULES: list[tuple[str, Check]] = [
+    ("hydra.launcher.nodes", COUNT),
+    ("hydra.launcher.gpus_per_node", (lambda v: v is None or (_int(v) and v >= 0), "an integer >= 0 (0: CPUs only)")),
+    ("hydra.launcher.tasks_per_node", COUNT),
+    ("hydra.launcher.cpus_per_task", COUNT_OR_NULL),
+    ("hydra.launcher.mem_gb", (lambda v: v is None or (_num(v) and v > 0), "a number > 0 (GB per node), or null")),
+    ("hydra.launcher.timeout_min", COUNT),
+    ("hydra.launcher.signal_delay_s", NON_NEG_INT),
+    ("hydra.launcher.max_num_timeout", NON_NEG_INT),
+    ("hydra.launcher.setup", (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                              'a list of shell lines, e.g. ["module load cuda"], or null')),
+]
+
+
+def check_launcher(params: dict[str, Any]) -> None:
+    """UserError listing every bad hydra.launcher value (`params`: the resolved launcher config), before the sweep
+    submits anything."""
+    leaves = [(f"hydra.launcher.{key}", value) for key, value in params.items()]
+    problems = _broken_rules(leaves, LAUNCHER_RULES)
+    timeout_s, delay = params.get("timeout_min"), params.get("signal_delay_s")
+    if COUNT[0](timeout_s) and NON_NEG_INT[0](delay) and delay >= timeout_s * 60:
+        problems.append(f"hydra.launcher.signal_delay_s={delay} is not less than hydra.launcher.timeout_min="
+                        f"{timeout_s} minutes: SLURM would warn the job (SIGUSR1) before it starts")
+    if problems:
+        raise UserError("invalid launcher config (nothing was submitted):\n  " + "\n  ".join(problems) +
+                        "\n(conf/hydra/launcher/slurm.yaml documents each key; set them as hydra.launcher.<key>=...)")
 
 
 def _leaves(node: DictConfig, problems: list[str], prefix: str = "") -> Iterator[tuple[str, Any]]:

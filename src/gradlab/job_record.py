@@ -26,6 +26,18 @@ def _global_rank() -> int:
     return 0
 
 
+# metrics.json's "slurm" entry: which SLURM job ran the run (restart_count > 0: it was requeued, e.g. preempted).
+SLURM_IDS = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+             "restart_count": "SLURM_RESTART_COUNT"}
+
+
+def slurm_ids() -> dict[str, Any]:
+    """{"slurm": {"job_id": ..., ...}} inside a SLURM job, {} elsewhere."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    return {"slurm": {key: int(os.environ[var]) for key, var in SLURM_IDS.items() if os.environ.get(var, "").isdigit()}}
+
+
 class RecordFailedJob(Callback):
     def __init__(self) -> None:
         self.start = time.time()
@@ -40,7 +52,7 @@ class RecordFailedJob(Callback):
         if isinstance(err.__cause__, UserError):  # gradlab.cli.JobError: record the user's error itself
             err = err.__cause__
         record = {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                  "wall_time_s": round(time.time() - self.start, 2), "overrides": list(job_return.overrides or [])}
+                  "wall_time_s": round(time.time() - self.start, 2), "overrides": list(job_return.overrides or []), **slurm_ids()}
         path = os.path.join(config.hydra.runtime.output_dir, "metrics.json")
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)

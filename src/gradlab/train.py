@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradlab.ddp import ddp_children_join_this_job
 from gradlab.hparams import log_hparams
+from gradlab.job_record import slurm_ids
 from gradlab.reporting import print_results
 from gradlab.trackers import log_config, record_results
 
@@ -91,6 +92,7 @@ def _run(cfg: DictConfig) -> Optional[float]:
         "wall_time_s": round(time.time() - start, 2),
         "overrides": hydra_overrides(),
         "status": "interrupted" if trainer.interrupted else "completed",
+        **slurm_ids(),
     })
     for callback in callbacks:  # instruments with a summary for metrics.json (grad_noise: B_simple, a reading)
         if hasattr(callback, "final_metrics"):

@@ -55,6 +55,7 @@ class ResumeCheckpoint(Callback):
         self._previous: dict[int, Any] = {}
         self._last_save = time.monotonic()
         self._rng_to_restore: Optional[dict] = None
+        self._after_save: Optional[Any] = None  # a signal handler put off until our checkpoint is written
 
     # ---- signals ----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -76,8 +77,12 @@ class ResumeCheckpoint(Callback):
                   file=sys.stderr, flush=True)
         previous = self._previous.get(signum)
         # Lightning's own SIGTERM handler would stop the run at its next check, and Python's SIGINT handler
-        # at once, both before our save; other handlers (e.g. SLURM's requeue on SIGUSR1) still run.
-        if callable(previous) and signum not in (signal.SIGTERM, signal.SIGINT):
+        # at once, both before our save; other handlers still run. Lightning's SLURM handler (SIGUSR1) runs
+        # right after our save: it writes hpc_ckpt_<n>.ckpt, which the requeued job resumes from, so that one
+        # too must hold a whole batch's state (and under DDP every rank must save at the same point).
+        if callable(previous) and signum == signal.SIGUSR1:
+            self._after_save = lambda: previous(signum, None)
+        elif callable(previous) and signum not in (signal.SIGTERM, signal.SIGINT):
             previous(signum, frame)
 
     def _restore_handlers(self) -> None:
@@ -106,6 +111,9 @@ class ResumeCheckpoint(Callback):
             return  # ModelCheckpoint writes last.ckpt after this epoch's validation; a signal waits for it
         trainer.save_checkpoint(self.path, weights_only=False)
         self._last_save = time.monotonic()
+        if self._after_save is not None:
+            self._after_save, after_save = None, self._after_save
+            after_save()
         if trainer.strategy.reduce_boolean_decision(signalled, all=False):
             name = signal.Signals(self._received or signal.SIGTERM).name
             if trainer.is_global_zero:
