@@ -42,7 +42,7 @@ def choose(accelerator: str, flags: Iterable[str], cuda_bf16: Optional[bool]) ->
         return "32-true", f"accelerator={accelerator}: bf16 not measured there"
     native = [f for f in BF16_CPU_FLAGS if f in set(flags)]
     if native:
-        return "bf16-mixed", f"the CPU computes bfloat16 natively ({', '.join(native)})"
+        return "bf16-mixed", f"the CPU computes bfloat16 natively: {', '.join(native)}"
     return "32-true", "the CPU has no native bfloat16 (no avx512_bf16 or amx_bf16): bf16 would be slower"
 
 
