@@ -24,8 +24,9 @@ from gradlab.errors import UserError
 # The metric names every part of gradlab uses (checkpoint monitors, early stopping, sweeps).
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc")
 METRIC_PREFIXES = ("grad_norm/", "param_norm/", "update_ratio/")
-PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true",
-              "transformer-engine", "transformer-engine-float16")
+# "auto" (gradlab.precision): bf16-mixed where the CPU or GPU computes bfloat16 natively, else 32-true.
+PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true",
+              "bf16-true", "transformer-engine", "transformer-engine-float16")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # Targets that need a package of their own, beyond their module's (which Lightning has without them), and how to
 # install it: `logger=wandb` without wandb fails here, in a second, instead of after the data is loaded.
@@ -117,7 +118,7 @@ RULES: list[tuple[str, Check]] = [
     ("trainer.devices", (lambda v: v == "auto" or v == -1 or (_int(v) and v >= 1) or isinstance(v, (list, str)),
                          "an integer >= 1, -1 (all), auto, or a list of device ids")),
     ("trainer.num_nodes", COUNT),
-    ("trainer.precision", (lambda v: str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS[::2]) + ", ...")),
+    ("trainer.precision", (lambda v: str(v) in PRECISIONS, "one of auto, " + ", ".join(PRECISIONS[1::2]) + ", ...")),
     ("trainer.limit_*_batches", BATCHES), ("trainer.overfit_batches", BATCHES),
     ("trainer.fast_dev_run", (lambda v: isinstance(v, bool) or (_int(v) and v >= 0), "true, false or a batch count")),
     ("trainer.log_every_n_steps", COUNT_OR_NULL),
@@ -143,7 +144,7 @@ RULES: list[tuple[str, Check]] = [
     ("accelerator", (lambda v: v is None or v in ACCELERATORS,
                      "null (the run's) or one of " + ", ".join(ACCELERATORS))),
     ("precision", (lambda v: v is None or str(v) in PRECISIONS,
-                   "null (the run's) or a Lightning precision such as 32-true")),
+                   "null (the run's), auto, or a Lightning precision such as 32-true")),
     ("json", BOOL),
     ("invert", (lambda v: v in (True, False, "auto"), "auto, true or false")),
     ("top_k", COUNT),

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from gradlab import checkpoint as ckpt
 from gradlab.errors import UserError
+from gradlab.precision import resolve as resolve_precision
 from gradlab.reporting import print_results
 from gradlab.train import _write_json, hydra_overrides
 
@@ -23,7 +24,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(run_cfg, cfg, path)
     trainer_cfg = run_cfg.get("trainer") or {}
     trainer = pl.Trainer(accelerator=cfg.accelerator or trainer_cfg.get("accelerator", "auto"), devices=1,
-                         precision=cfg.precision or trainer_cfg.get("precision", "32-true"), logger=False,
+                         precision=resolve_precision(cfg.precision or trainer_cfg.get("precision", "32-true"),
+                                                     cfg.accelerator or trainer_cfg.get("accelerator", "auto")),
+                         logger=False,
                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                          default_root_dir=cfg.paths.output_dir)
     # The same Lightning loop and metric code as the training run's test, hence the same numbers.

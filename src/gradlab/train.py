@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradlab.ddp import ddp_children_join_this_job
 from gradlab.hparams import log_hparams
 from gradlab.job_record import slurm_ids
+from gradlab.precision import resolve as resolve_precision
 from gradlab.reporting import print_results
 from gradlab.trackers import log_config, record_results
 
@@ -36,7 +37,9 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
         switches["enable_progress_bar"] = False
     if "enable_model_summary" not in cfg.trainer and not any(isinstance(c, ModelSummary) for c in callbacks):
         switches["enable_model_summary"] = False
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **switches)
+    # trainer.precision=auto becomes bf16-mixed or 32-true here, the one place (gradlab.precision).
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision, **switches)
 
 
 def instantiate_group(group: Optional[DictConfig]) -> list[Any]:
