@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def default_config(overrides: list[str]):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=["model=rnn", *overrides])
+        return compose("train", overrides=["model=rnn", "data=imdb", *overrides])
 
 
 def train_rate(model: SentimentRNN, batches, warmup: int, steps: int) -> tuple[float, float]:

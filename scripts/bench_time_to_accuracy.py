@@ -123,8 +123,8 @@ def ours_cmd(root: str, args, precision: str, out: str, work: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "experiment=mnist_fast", "data=fashion_mnist",
             f"data.root={root}", "data.download=false", "test=false", f"paths.root_dir={work}",
             f"trainer.precision={precision}", f"trainer.val_check_interval={args.every}",
-            f"trainer.limit_train_batches={args.fraction}", "callbacks.progress_bar.enabled=false",
-            "callbacks.model_summary.enabled=false",
+            f"trainer.limit_train_batches={args.fraction}", "callbacks.progress_bar=null",
+            "callbacks.model_summary=null",
             f"+callbacks.clock={{_target_:bench_timer.AccuracyClock,out:{out}}}", *args.overrides]
 
 

@@ -38,7 +38,7 @@ COMPARED = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "t
 
 def run_args(data: Path, root: Path) -> list[str]:
     return [*tiny_mnist_args(data, root), f"trainer.max_epochs={EPOCHS}", "trainer.log_every_n_steps=1",
-            "callbacks.resume.every_n_train_steps=2", "callbacks.grad_norm.enabled=false", "logger=csv"]
+            "callbacks.resume.every_n_train_steps=2", "callbacks.grad_norm=null", "logger=csv"]
 
 
 def kill_args(kind: str, **params) -> list[str]:

@@ -41,7 +41,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoints_and_says_so(
         mnist_root, tmp_path, capsys, restore_open, error, at_save, reason):
     """Epoch 0 writes epoch_000.ckpt (save 1) and last.ckpt (2); one of epoch 1's saves (3: its best, 4: last) fails."""
     out = tmp_path / "out"
-    args = [*tiny_mnist_args(mnist_root, tmp_path), "trainer.max_epochs=3", "callbacks.grad_norm.enabled=false",
+    args = [*tiny_mnist_args(mnist_root, tmp_path), "trainer.max_epochs=3", "callbacks.grad_norm=null",
             "logger=csv", "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min",
             "+callbacks.zz_disk._target_=faults.FailingDisk", f"+callbacks.zz_disk.at_save={at_save}",
             f"+callbacks.zz_disk.error={error}"]
@@ -112,7 +112,7 @@ def test_ctrl_c_in_the_test_stage_keeps_the_fit_and_a_resume_only_tests(cnn_run,
 @pytest.mark.slow
 def test_ctrl_c_during_a_sweep_keeps_every_finished_job(mnist_root, tmp_path):
     """Ctrl-C in job 1 of 3: job 0's results stay whole, job 1 saves its last.ckpt and stops, job 2 never starts."""
-    args = [*tiny_mnist_args(mnist_root, tmp_path), "trainer.max_epochs=1", "callbacks.grad_norm.enabled=false",
+    args = [*tiny_mnist_args(mnist_root, tmp_path), "trainer.max_epochs=1", "callbacks.grad_norm=null",
             "logger=csv", "+callbacks.zz_int._target_=faults.SignalAtStep", "+callbacks.zz_int.signal_name=SIGINT",
             "+callbacks.zz_int.step=999,3,999"]  # only job 1 reaches its step
     proc = run_cli("train.py", "-m", *args, cwd=tmp_path, env=env())

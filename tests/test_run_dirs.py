@@ -21,8 +21,8 @@ TESTS = Path(__file__).resolve().parent
 STAMP = "2026-12-01_10-00-00"
 TOY = ["experiment=toy_xor", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
        "trainer.limit_test_batches=1", "data.n_train=64", "data.n_val=32", "data.n_test=32", "logger=csv",
-       "callbacks.progress_bar.enabled=false", "callbacks.model_summary.enabled=false",
-       "callbacks.grad_norm.enabled=false"]
+       "callbacks.progress_bar=null", "callbacks.model_summary=null",
+       "callbacks.grad_norm=null"]
 
 
 def frozen_env() -> dict:
