@@ -18,7 +18,6 @@ from torchvision import datasets
 from gradlab.config import require, val_count
 from gradlab.data.idx import check_pair, read_idx
 from gradlab.data.tensor_loader import InMemoryDataModule, TensorBatches
-
 from gradlab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -162,3 +161,30 @@ class MNISTDataModule(InMemoryDataModule):
         if self.data_note and not (isinstance(size, float) and size < 1):
             size = round(size * n / FULL_TRAIN)  # a count is meant for the full 60,000: the sample keeps its share
         return val_count(size, n, "images of the training set")
+
+
+def _download(cls: type, root: str) -> None:
+    """Fetch the dataset's four files with torchvision, quietly; whatever is still missing afterwards, the caller
+    reports in one line (torchvision prints each mirror it tries and every error in full)."""
+    log.info("Downloading %s to %s", cls.__name__, os.path.join(root, cls.__name__, "raw"))
+    chatter = io.StringIO()
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen calls take no timeout of their own
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            cls(root, train=True, download=True)
+    except (RuntimeError, OSError):  # torchvision's "Error downloading ..."; URLError is an OSError
+        pass
+    finally:
+        socket.setdefaulttimeout(timeout)
+
+
+def _announce_sample(folder: str, n_val: int) -> None:
+    """The one loud line of a run that trains on the shipped sample instead of MNIST."""
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"MNIST could not be downloaded, so this run uses the {SAMPLE_TRAIN + 1000:,} real digits shipped "
+        f"with gradlab ({SAMPLE_TRAIN - n_val:,} train / {n_val:,} val / 1,000 test): accuracy will be below full "
+        f"MNIST's. For the real thing put MNIST's files in {folder}; data.allow_sample=false makes this an error.",
+        style="bold yellow", markup=False, highlight=False, soft_wrap=True)
