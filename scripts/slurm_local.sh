@@ -76,9 +76,9 @@ cpus=$(nproc)
 mem_mb=$(free -m | awk '/^Mem:/ {print int($2 * 0.95)}')
 
 cat > "$conf" <<EOF
-# Written by scripts/slurm_local.sh: a one-node cluster on $host ($cpus CPUs, $mem_mb MB).
+# Written by scripts/slurm_local.sh: a one-node cluster on $host ($cpus CPUs, $mem_mb MB), over 127.0.0.1 (no DNS).
 ClusterName=gradlab
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -114,7 +114,7 @@ InactiveLimit=0
 Waittime=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
-NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 

@@ -92,6 +92,22 @@ def test_cpu_node_gets_one_task_and_a_bad_launcher_value_stops_before_submitting
     assert not (tmp_path / "logs").exists()  # no sweep dir, no .submitit folder: nothing was submitted
 
 
+def test_job_states_from_squeue_keep_a_requeued_job_waited_for_and_see_a_vanished_one_ended():
+    """The squeue lines the cluster prints (squeue --array --format=%i|%T|%N) as submitit's watcher reads them."""
+    from gradlab.slurm import SqueueWhenNoAccounting
+
+    watcher = SqueueWhenNoAccounting()
+    watcher._use_squeue = True  # what it decides when sacct fails
+    for job_id in ("7_0", "7_1", "8"):
+        watcher.register_job(job_id)
+    watcher._info_dict.update(watcher.read_info(b"7_0|RUNNING|vm\n7_1|PENDING|\n"))
+    assert not any(watcher.is_done(j, mode="cache") for j in ("7_0", "7_1", "8"))
+    watcher._info_dict.update(watcher.read_info(b"7_1|REQUEUE_FED|vm\n"))  # 7_0 ended more than MinJobAge ago
+    assert watcher.is_done("7_0", mode="cache")  # gone from squeue: ended (its result file says how)
+    assert not watcher.is_done("7_1", mode="cache")  # on its way back to PENDING: still waited for
+    assert not watcher.is_done("8", mode="cache")  # never listed yet: not taken for ended
+
+
 # ---- on the cluster ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sweeps(slurm, tmp_path_factory):

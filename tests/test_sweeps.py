@@ -214,6 +214,7 @@ def test_slurm_launcher_config_reaches_the_sbatch_script(tmp_path, monkeypatch):
     assert flags["#SBATCH --time"] == "90"
     # Lightning's requeue signal, sent signal_delay_s before the limit; submitit's USR2 never.
     assert flags["#SBATCH --signal"] == "USR1@150" and "USR2" not in script
+    assert "\ntrap '' USR1\n" in script  # the batch shell outlives a USR1 meant for the training (scancel --full)
     assert launcher.params["max_num_timeout"] == 0
 
 

@@ -226,10 +226,10 @@ def check_launcher(params: dict[str, Any]) -> None:
     submits anything."""
     leaves = [(f"hydra.launcher.{key}", value) for key, value in params.items()]
     problems = _broken_rules(leaves, LAUNCHER_RULES)
-    timeout_s, delay = params.get("timeout_min"), params.get("signal_delay_s")
-    if COUNT[0](timeout_s) and NON_NEG_INT[0](delay) and delay >= timeout_s * 60:
-        problems.append(f"hydra.launcher.signal_delay_s={delay} is not less than hydra.launcher.timeout_min="
-                        f"{timeout_s} minutes: SLURM would warn the job (SIGUSR1) before it starts")
+    limit_min, delay_s = params.get("timeout_min"), params.get("signal_delay_s")
+    if COUNT[0](limit_min) and NON_NEG_INT[0](delay_s) and delay_s >= limit_min * 60:
+        problems.append(f"hydra.launcher.signal_delay_s={delay_s} is not less than hydra.launcher.timeout_min="
+                        f"{limit_min} minutes: SLURM would warn the job (SIGUSR1) before it starts")
     if problems:
         raise UserError("invalid launcher config (nothing was submitted):\n  " + "\n  ".join(problems) +
                         "\n(conf/hydra/launcher/slurm.yaml documents each key; set them as hydra.launcher.<key>=...)")

@@ -35,7 +35,8 @@ def slurm_ids() -> dict[str, Any]:
     """{"slurm": {"job_id": ..., ...}} inside a SLURM job, {} elsewhere."""
     if "SLURM_JOB_ID" not in os.environ:
         return {}
-    return {"slurm": {key: int(os.environ[var]) for key, var in SLURM_IDS.items() if os.environ.get(var, "").isdigit()}}
+    ids = {key: os.environ.get(var, "") for key, var in SLURM_IDS.items()}
+    return {"slurm": {key: int(value) for key, value in ids.items() if value.isdigit()}}
 
 
 class RecordFailedJob(Callback):
@@ -52,7 +53,8 @@ class RecordFailedJob(Callback):
         if isinstance(err.__cause__, UserError):  # gradlab.cli.JobError: record the user's error itself
             err = err.__cause__
         record = {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                  "wall_time_s": round(time.time() - self.start, 2), "overrides": list(job_return.overrides or []), **slurm_ids()}
+                  "wall_time_s": round(time.time() - self.start, 2), "overrides": list(job_return.overrides or []),
+                  **slurm_ids()}
         path = os.path.join(config.hydra.runtime.output_dir, "metrics.json")
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 log = logging.getLogger(__name__)
+GONE = "ENDED (no longer in squeue)"
 STILL_RUNNING = {"REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED",
                  "RESV_DEL_HOLD", "STOPPED"}
 
@@ -36,8 +37,8 @@ class _DropSacctWarnings(logging.Filter):
 class SqueueWhenNoAccounting(SlurmInfoWatcher):
     """submitit's SLURM state watcher: sacct where the cluster keeps accounting, else squeue.
 
-    squeue lists a job until MinJobAge (300 s by default) after it ends, so polls every `delay_s` <= 60 s see
-    its final state (COMPLETED, FAILED, CANCELLED, ...). Only this user's jobs are listed.
+    squeue lists a job until MinJobAge (300 s by default) after it ends, so a poll usually sees its final state
+    (COMPLETED, FAILED, CANCELLED, ...); one that is gone by then has ended too. Only this user's jobs are listed.
     """
 
     def __init__(self, delay_s: int = 60) -> None:
@@ -62,6 +63,13 @@ class SqueueWhenNoAccounting(SlurmInfoWatcher):
             text = string.decode() if isinstance(string, bytes) else string
             string = "JobID|State|NodeList\n" + text  # sacct's --parsable2 layout, which the parser reads
         info = super().read_info(string)
+        if self._use_squeue:
+            # A job squeue listed before and lists no more ended over MinJobAge ago (between two polls): ended.
+            # Its result file, if it wrote one, is what submitit reads; without one, the sweep reports it.
+            for job_id in self._registered - self._finished:
+                last = self._info_dict.get(job_id, {}).get("State")
+                if job_id not in info and last is not None and last != GONE:
+                    info[job_id] = {"JobID": job_id, "State": GONE, "NodeList": ""}
         for stats in info.values():
             # States squeue shows that submitit does not know as unfinished: a requeued job passes through
             # REQUEUE_FED on its way back to PENDING, and must not be taken for a job that ended without a result.
