@@ -15,7 +15,8 @@ from gradlab.data.mnist import SAMPLE_NOTE
 from helpers import ROOT, fake_digits, run_cli, write_idx
 
 # Python imports tests/no_internet/sitecustomize.py at start-up: every connection beyond loopback fails at once.
-NO_INTERNET = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "no_internet"), os.environ.get("PYTHONPATH", "")]),
+NO_INTERNET = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests" / "no_internet"),
+                                                          os.environ.get("PYTHONPATH")) if p),
                "GRADLAB_ROOT": ".", **ONE_THREAD}  # GRADLAB_ROOT as if unset: data/ and logs/ under the cwd
 PROGRESS = re.compile(r"epoch (\d+)/(\d+)  step (\d+)/(\d+)  train/loss (\S+)  val/acc (\S+)  ([\d,]+) samples/s  "
                       r"ETA (\d+:\d\d:\d\d)$")
