@@ -34,6 +34,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results = evaluate(module, datamodule=datamodule, verbose=False)[0]
     prefix = f"{cfg.split}/"
     metrics: dict[str, Any] = {k: v for k, v in _scalars_of(results).items() if k.startswith(prefix)}
+    if getattr(datamodule, "data_note", None):  # as in train.py: the shipped MNIST sample stood in
+        metrics["data"] = datamodule.data_note
     metrics.update({
         "checkpoint": os.path.abspath(path),
         "split": cfg.split,
