@@ -5,7 +5,8 @@ logger, where Hydra's job logging prints them to stdout and writes them to the r
 appeared twice on the console. Once Hydra's handlers are in place, Lightning's own is removed, so each line prints
 once (and still lands in train.log). Lightning also logs, at INFO, tips for its cloud services ("💡 Tip: ...
 litlogger", "... litmodels"); a filter drops them. And Lightning 2.6's own pytree code trips a FutureWarning of
-torch's that no user can act on; it is silenced by its exact text.
+torch's that no user can act on, and Lightning hints at srun wherever SLURM is installed; both are silenced by their
+exact text.
 """
 
 import logging
@@ -30,6 +31,9 @@ def tidy_lightning_logging() -> None:
                 lightning.removeHandler(handler)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    # Printed on every machine with SLURM installed, also where srun is not meant (a local run beside a cluster):
+    # hydra/launcher=slurm is gradlab's way onto the cluster, and it starts every rank with srun.
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     rank_zero = logging.getLogger(RANK_ZERO_LOGGER)
     if not any(isinstance(f, DropAdverts) for f in rank_zero.filters):
         rank_zero.addFilter(DropAdverts())
