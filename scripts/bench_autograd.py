@@ -88,6 +88,7 @@ def time_steps(runs: dict, x, y, reps: int, steps: int) -> dict[str, float]:
 
 
 CASES = [  # (label, sizes, activation, batch_norm)
+    ("784-256-128-10 relu", [784, 256, 128, 10], "relu", False),  # what `python train.py model=mlp` trains
     ("784-512-256-10 sigmoid", [784, 512, 256, 10], "sigmoid", False),
     ("784-512-256-10 relu", [784, 512, 256, 10], "relu", False),
     ("20x256 sigmoid", [256] * 21 + [10], "sigmoid", False),  # 20 hidden layers of 256, then 10 classes
