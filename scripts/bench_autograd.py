@@ -1,7 +1,7 @@
 """The lesson's hand-written backward against autograd: time and memory of one training step of the same MLP.
 
-    python scripts/bench_autograd.py                 # ~4 min on one CPU core
-    python scripts/bench_autograd.py --reps 5 --passes 1   # a quick look (~1 min)
+    python scripts/bench_autograd.py                 # ~2 min on an idle CPU core (much more on a busy one)
+    python scripts/bench_autograd.py --reps 9 --passes 2   # the docs/benchmarks.md table
 
 Each row builds ManualMLP twice from one seed: backend=manual (one hand-written Function per layer, what
 `model=mlp` runs) and backend=autograd (nn.Linear, nn.Sigmoid, ..., nn.CrossEntropyLoss), and times
@@ -88,6 +88,7 @@ def time_steps(runs: dict, x, y, reps: int, steps: int) -> dict[str, float]:
 
 
 CASES = [  # (label, sizes, activation, batch_norm)
+    ("784-256-128-10 relu", [784, 256, 128, 10], "relu", False),  # what `python train.py model=mlp` trains
     ("784-512-256-10 sigmoid", [784, 512, 256, 10], "sigmoid", False),
     ("784-512-256-10 relu", [784, 512, 256, 10], "relu", False),
     ("20x256 sigmoid", [256] * 21 + [10], "sigmoid", False),  # 20 hidden layers of 256, then 10 classes

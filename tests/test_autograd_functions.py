@@ -231,7 +231,7 @@ def test_softmax_cross_entropy_is_stable_for_huge_logits(device):
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize("batch, classes", [(256, 10), (256, 2), (130, 15), (256, 16), (64, 10)])
 def test_softmax_cross_entropy_every_kernel_path_matches_torch(batch, classes, dtype, device):
-    """Short rows of a big batch take the transposed softmax path on CPU; the rest the direct one."""
+    """Short and long rows, small and big batches: torch's values and gradients (one_hot built per class count)."""
     g = torch.Generator().manual_seed(batch + classes)
     logits = (torch.randn(batch, classes, generator=g, dtype=dtype) * 5).to(device).requires_grad_()
     target = torch.randint(0, classes, (batch,), generator=g).to(device)

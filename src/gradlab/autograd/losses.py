@@ -59,8 +59,8 @@ class BCEWithLogits(Function):
         logits, target = ctx.saved_tensors
         x, t = at_least_float32(logits), at_least_float32(target)
         scale = grad_loss / x.numel()
-        grad_x = (torch.sigmoid(x) - t) * scale if ctx.needs_input_grad[0] else None  # ∂/∂x = σ(x) - t
-        grad_t = -x * scale if ctx.needs_input_grad[1] else None                       # ∂/∂t = -x
+        grad_x = (torch.sigmoid(x) - t) * scale if ctx.needs_input_grad[0] else None  # ∂/∂x = (σ(x) - t)/N  (x)
+        grad_t = -x * scale if ctx.needs_input_grad[1] else None                       # ∂/∂t = -x/N  (t)
         return grad_x, grad_t
 
 
