@@ -328,6 +328,8 @@ class DDPRecorder(Callback):
         self._step = trainer.global_step
 
     def _hook(self, layer, module, args, y):
+        if not module.training:
+            return  # validation
         y = y.detach().double()
         alive = y.gt(0).any(0)
         self.acts.setdefault(self._step, {})[layer] = (y.numel(), y.sum().item(), y.square().sum().item(), alive)
