@@ -3,6 +3,7 @@ health warnings and the non-finite stop; the same through the real train.py; the
 
 import json
 import math
+import os
 from functools import partial
 from pathlib import Path
 
@@ -239,7 +240,8 @@ def cnn_run(mnist_root, tmp_path_factory):
                    "callbacks.grad_norm.log_every_n_steps=1", "trainer.gradient_clip_val=0.5",
                    "callbacks.resume.every_n_train_steps=1",
                    "+callbacks.plant_nan._target_=test_grad_norm.PlantNaN", "+callbacks.plant_nan.step=9",
-                   "test=false", cwd=out, env={"PYTHONPATH": str(ROOT / "tests")})
+                   "test=false", cwd=out,
+                   env={"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return only_run_dir(out), proc
 
@@ -352,6 +354,9 @@ def test_every_sweep_job_writes_its_own_layout(mlp_and_rnn_sweep):
                   and not t.startswith("grad_norm_log10/total")]
         assert [t.strip("^$").replace("\\", "") for t in grads] == logged  # every layer, in the order logged
         assert grads[0] == f"^grad_norm_log10/{first_param.replace('.', chr(92) + '.')}$"
-        acts = [c for cat in layout.category if cat.title == "activation health" for c in cat.chart]
-        assert acts and all(tag.startswith("^act/") for c in acts for tag in c.multiline.tag)
+    # The RNN's recurrent outputs (tanh) are charted too.
+    layout = layout_of(mlp_and_rnn_sweep / "1" / "tensorboard")
+    acts = {c.title: list(c.multiline.tag) for cat in layout.category if cat.title == "activation health"
+            for c in cat.chart}
+    assert acts["activation mean"] == ["^act/mean/rnn$"] and "^act/saturation/rnn$" in acts[next(iter(acts))]
 

@@ -33,7 +33,10 @@ class HealthReport(Callback):
         if not trainer.is_global_zero or folder is None:
             return
         flush(trainer)
-        self.report = diagnose(RunReader(folder).scalars(), self.thresholds)
+        scalars = RunReader(folder).scalars()
+        if not any(t.startswith(("grad_norm/", "act/")) for t in scalars):
+            return  # the instruments were off (callbacks.grad_norm=null ...): nothing to judge
+        self.report = diagnose(scalars, self.thresholds)
         out = Path(self.out_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.report.write_json(out / "health.json")
