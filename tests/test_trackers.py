@@ -113,14 +113,14 @@ def test_wandb_offline_run_files_hold_the_same_series(mnist_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = one_run(out)
     (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # offline, inside the run folder
-    history: dict[str, list[tuple[int, float]]] = {}
+    history: dict[str, dict[int, float]] = {}  # as events.read_scalars: a step logged twice keeps its later value
     config_keys, summary = set(), {}
     for record in wandb_records(wandb_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             for key, value in row.items():
-                history.setdefault(key, []).append((row["trainer/global_step"], value))
+                history.setdefault(key, {})[row["trainer/global_step"]] = value
         elif kind == "run":
             config_keys |= {i.key for i in record.run.config.update}
             assert record.run.display_name == run_dir.name
@@ -132,7 +132,7 @@ def test_wandb_offline_run_files_hold_the_same_series(mnist_root, tmp_path):
     assert "grad_norm/conv1.weight" in tb and set(tb) <= set(history), set(tb) - set(history)
     for tag, series in tb.items():
         # W&B's history rows carry the step as the metric trainer/global_step.
-        assert_same_series(series, sorted(history[tag]), tag)
+        assert_same_series(series, sorted(history[tag].items()), tag)
     assert {"optimizer.lr", "model.net._target_", "trainer.max_epochs"} <= config_keys
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert summary["best_checkpoint"] == metrics["best_checkpoint"]

@@ -10,9 +10,9 @@ def print_results(metrics: dict, run_dir: str) -> None:
     table.add_column("value", justify="right")
     for key in sorted(k for k in metrics if "/" in k and not k.startswith("grad_norm")):
         table.add_row(key, f"{metrics[key]:.4f}")
-    for key in ("epochs", "steps", "epoch", "step", "wall_time_s"):
+    for key in ("epochs", "steps", "epoch", "step", "wall_time_s", "suggested_lr"):
         if key in metrics:
-            table.add_row(key, str(metrics[key]))
+            table.add_row(key, f"{metrics[key]:.3g}" if key == "suggested_lr" else str(metrics[key]))
     console = Console()
     console.print(table)
     console.print(f"Run dir: {run_dir}   (tensorboard --logdir {run_dir})")

@@ -16,6 +16,7 @@ from gradlab.ddp import ddp_children_join_this_job
 from gradlab.hparams import log_hparams
 from gradlab.reporting import print_results
 from gradlab.trackers import log_config, record_results
+from gradlab.tune import log_lr_find, lr_find
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -73,12 +74,18 @@ def _run(cfg: DictConfig) -> Optional[float]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     module = build_module(cfg)
+    found = _tune(cfg, module, datamodule)
+    if found and cfg.tune.apply:
+        cfg.optimizer.lr = found["suggested_lr"]
+        module = build_module(cfg)
     # The whole resolved config rides in every checkpoint, so eval/predict can rebuild the model.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     log_config(loggers, cfg)  # MLflow params / W&B config: the whole resolved config
+    if found:
+        log_lr_find(trainer, found)
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
@@ -92,6 +99,8 @@ def _run(cfg: DictConfig) -> Optional[float]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics.update(_scalars(trainer.callback_metrics))
 
+    if found:
+        metrics["suggested_lr"] = found["suggested_lr"]
     metrics.update({
         "best_checkpoint": best,
         "epochs": trainer.current_epoch,
@@ -107,6 +116,16 @@ def _run(cfg: DictConfig) -> Optional[float]:
         print_results(metrics, output_dir(cfg))
     value = metrics.get(cfg.get("optimized_metric") or "")
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def _tune(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> Optional[dict]:
+    """`+tune=lr_find`: the learning-rate range test before training (not when resuming: the run has its lr)."""
+    if not cfg.get("tune"):
+        return None
+    if cfg.get("ckpt_path"):
+        print("tune=lr_find is skipped when resuming (ckpt_path): the run goes on with its learning rate.")
+        return None
+    return lr_find(cfg, module, datamodule, output_dir(cfg))
 
 
 def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
