@@ -14,9 +14,9 @@ from helpers import run_cli, tiny_mnist_args
 @pytest.mark.slow
 def test_lr_find_suggests_the_steepest_descent_and_trains_with_it(mnist_root, tmp_path):
     out = tmp_path / "out"
+    short = ["trainer.max_steps=3", "test=false", "trainer.log_every_n_steps=1"]
     proc = run_cli("train.py", *tiny_mnist_args(mnist_root, out), "+tune=lr_find", "tune.apply=true",
-                   "tune.num_training=60", "tune.min_lr=1e-5", "tune.max_lr=1", "trainer.max_steps=3", "test=false",
-                   "trainer.log_every_n_steps=1", cwd=tmp_path)
+                   "tune.num_training=60", "tune.min_lr=1e-5", "tune.max_lr=1", *short, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (out / "logs" / "train" / "runs").iterdir()
     curve = json.loads((run_dir / "lr_find.json").read_text())
@@ -40,3 +40,10 @@ def test_lr_find_suggests_the_steepest_descent_and_trains_with_it(mnist_root, tm
     # tune.apply=true: training ran with the suggestion (LearningRateMonitor's record of the optimizer's lr).
     lrs = read_scalars(run_dir / "tensorboard", prefix="lr-")
     assert [v for _, v in lrs["lr-Adam"]] == pytest.approx([suggested] * 3, rel=1e-6)
+    # ... and the training after the range test is the run one gets by setting that lr: same weights, same batches.
+    plain = tmp_path / "plain"
+    proc = run_cli("train.py", *tiny_mnist_args(mnist_root, plain), f"optimizer.lr={suggested!r}", *short, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (plain_dir,) = (plain / "logs" / "train" / "runs").iterdir()
+    assert read_scalars(plain_dir / "tensorboard", prefix="train/loss") == \
+        read_scalars(run_dir / "tensorboard", prefix="train/loss")

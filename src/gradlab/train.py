@@ -75,9 +75,12 @@ def _run(cfg: DictConfig) -> Optional[float]:
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     module = build_module(cfg)
     found = _tune(cfg, module, datamodule)
-    if found and cfg.tune.apply:
-        cfg.optimizer.lr = found["suggested_lr"]
-        module = build_module(cfg)
+    if found:
+        # Random numbers from here on as in a run without the range test (and the same initial weights).
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        if cfg.tune.apply:
+            cfg.optimizer.lr = found["suggested_lr"]
+            module = build_module(cfg)
     # The whole resolved config rides in every checkpoint, so eval/predict can rebuild the model.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
