@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gradlab.callbacks.throughput import ThroughputMonitor
 from gradlab.ddp import ddp_children_join_this_job
 from gradlab.hparams import log_hparams
 from gradlab.reporting import print_results
@@ -136,8 +137,6 @@ def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _throughput(trainer: pl.Trainer) -> dict[str, float]:
-    from gradlab.callbacks.throughput import ThroughputMonitor
-
     return next((cb.means(trainer) for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), {})
 
 
