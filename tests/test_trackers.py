@@ -31,12 +31,19 @@ def assert_same_series(tb: list[tuple[int, float]], other: list[tuple[int, float
     assert [v for _, v in other] == pytest.approx([v for _, v in tb], rel=1e-6, abs=1e-12), tag
 
 
-@pytest.mark.slow
-def test_many_loggers_mlflow_holds_every_tensorboard_series(mnist_root, tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli("train.py", *tiny_mnist_args(mnist_root, out), *EVERY_STEP, "logger=many", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def tracked_run(mnist_root, tmp_path_factory):
+    """One tiny real CNN run with logger=many (TensorBoard + CSV + MLflow) plus W&B, every metric at every step."""
+    out = tmp_path_factory.mktemp("tracked")
+    proc = run_cli("train.py", *tiny_mnist_args(mnist_root, out), *EVERY_STEP, "logger=[many,wandb]", cwd=out,
+                   env={"WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = one_run(out)
+    return out, one_run(out)
+
+
+@pytest.mark.slow
+def test_many_loggers_mlflow_holds_every_tensorboard_series(tracked_run, tmp_path):
+    out, run_dir = tracked_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     tb = read_scalars(run_dir / "tensorboard")
 
@@ -106,21 +113,17 @@ def wandb_records(path: Path):
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_files_hold_the_same_series(mnist_root, tmp_path):
-    out = tmp_path / "out"
-    proc = run_cli("train.py", *tiny_mnist_args(mnist_root, out), *EVERY_STEP, "logger=[tensorboard,wandb]",
-                   cwd=tmp_path, env={"WANDB_SILENT": "true"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = one_run(out)
+def test_wandb_offline_run_files_hold_the_same_series(tracked_run):
+    _, run_dir = tracked_run
     (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # offline, inside the run folder
-    history: dict[str, list[tuple[int, float]]] = {}
+    history: dict[str, dict[int, float]] = {}  # as events.read_scalars: a step logged twice keeps its later value
     config_keys, summary = set(), {}
     for record in wandb_records(wandb_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
             for key, value in row.items():
-                history.setdefault(key, []).append((row["trainer/global_step"], value))
+                history.setdefault(key, {})[row["trainer/global_step"]] = value
         elif kind == "run":
             config_keys |= {i.key for i in record.run.config.update}
             assert record.run.display_name == run_dir.name
@@ -132,7 +135,7 @@ def test_wandb_offline_run_files_hold_the_same_series(mnist_root, tmp_path):
     assert "grad_norm/conv1.weight" in tb and set(tb) <= set(history), set(tb) - set(history)
     for tag, series in tb.items():
         # W&B's history rows carry the step as the metric trainer/global_step.
-        assert_same_series(series, sorted(history[tag]), tag)
+        assert_same_series(series, sorted(history[tag].items()), tag)
     assert {"optimizer.lr", "model.net._target_", "trainer.max_epochs"} <= config_keys
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert summary["best_checkpoint"] == metrics["best_checkpoint"]

@@ -138,6 +138,9 @@ RULES: list[tuple[str, Check]] = [
     ("callbacks.*.when", _one_of("auto", "always", "never")),
     ("callbacks.*.window_size", (lambda v: _int(v) and v >= 2, "an integer >= 2 (batches in the rolling average)")),
     ("logger.*.flush_every_s", NON_NEGATIVE),
+    # +tune=lr_find
+    ("tune.min_lr", POSITIVE), ("tune.max_lr", POSITIVE), ("tune.num_training", COUNT), ("tune.apply", BOOL),
+    ("tune.early_stop_threshold", (lambda v: v is None or (_num(v) and v > 1), "a number > 1, or null")),
     # eval.py / predict.py
     ("batch_size", COUNT_OR_NULL),
     ("split", _one_of("test", "val")),
@@ -264,6 +267,10 @@ def _cross_checks(cfg: DictConfig) -> list[str]:
     lo, hi = _safe(trainer, "min_epochs"), _safe(trainer, "max_epochs")
     if _int(lo) and _int(hi) and hi >= 1 and lo > hi:
         problems.append(f"trainer.min_epochs={lo} is more than trainer.max_epochs={hi}")
+    tune = cfg.get("tune") or {}
+    lo, hi = _safe(tune, "min_lr"), _safe(tune, "max_lr")
+    if _num(lo) and _num(hi) and lo >= hi:
+        problems.append(f"tune.min_lr={lo} must be below tune.max_lr={hi}")
     model = cfg.get("model") or {}
     net_classes, classes = _safe(model.get("net") or {}, "num_classes"), _safe(model, "num_classes")
     if _int(net_classes) and _int(classes) and net_classes != classes:

@@ -11,9 +11,9 @@ def print_results(metrics: dict, run_dir: str) -> None:
     numbers = [k for k in metrics if isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)]
     for key in sorted(k for k in numbers if "/" in k and not k.startswith("grad_norm")):
         table.add_row(key, f"{metrics[key]:.4f}")
-    for key in ("epochs", "steps", "epoch", "step", "wall_time_s"):
+    for key in ("epochs", "steps", "epoch", "step", "wall_time_s", "suggested_lr"):
         if key in metrics:
-            table.add_row(key, str(metrics[key]))
+            table.add_row(key, f"{metrics[key]:.3g}" if key == "suggested_lr" else str(metrics[key]))
     console = Console()
     console.print(table)
     if "grad_noise/reading" in metrics:  # what the gradient noise scale says about the batch size

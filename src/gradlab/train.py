@@ -12,12 +12,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gradlab.callbacks.throughput import ThroughputMonitor
 from gradlab.ddp import ddp_children_join_this_job
 from gradlab.hparams import log_hparams
 from gradlab.job_record import slurm_ids
 from gradlab.precision import resolve as resolve_precision
 from gradlab.reporting import print_results
 from gradlab.trackers import log_config, record_results
+from gradlab.tune import log_lr_find, lr_find
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -65,12 +67,21 @@ def _run(cfg: DictConfig) -> Optional[float]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     module = build_module(cfg)
+    found = _tune(cfg, module, datamodule)
+    if found:
+        # Random numbers from here on as in a run without the range test (and the same initial weights).
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        if cfg.tune.apply:
+            cfg.optimizer.lr = found["suggested_lr"]
+            module = build_module(cfg)
     # The whole resolved config rides in every checkpoint, so eval/predict can rebuild the model.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     log_config(loggers, cfg)  # MLflow params / W&B config: the whole resolved config
+    if found:
+        log_lr_find(trainer, found)
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
@@ -88,6 +99,8 @@ def _run(cfg: DictConfig) -> Optional[float]:
 
     if getattr(datamodule, "data_note", None):  # e.g. MNIST's shipped sample stood in for the real thing
         metrics["data"] = datamodule.data_note
+    if found:
+        metrics["suggested_lr"] = found["suggested_lr"]
     metrics.update({
         "best_checkpoint": best,
         "epochs": trainer.current_epoch,
@@ -124,13 +137,21 @@ def _fit_metrics_of_finished_fit(metrics: dict[str, Any], path: str, trainer: pl
     return metrics
 
 
+def _tune(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> Optional[dict]:
+    """`+tune=lr_find`: the learning-rate range test before training (not when resuming: the run has its lr)."""
+    if not cfg.get("tune"):
+        return None
+    if cfg.get("ckpt_path"):
+        print("tune=lr_find is skipped when resuming (ckpt_path): the run goes on with its learning rate.")
+        return None
+    return lr_find(cfg, module, datamodule, output_dir(cfg))
+
+
 def _scalars(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
 def _throughput(trainer: pl.Trainer) -> dict[str, float]:
-    from gradlab.callbacks.throughput import ThroughputMonitor
-
     return next((cb.means(trainer) for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), {})
 
 
