@@ -248,3 +248,30 @@ def test_train_py_writes_the_reading_into_metrics_json_and_the_table(cnn_run):
     total = sum(scalars[f"grad_noise/trace_cov/{k}"][0][1] for k in ("conv1", "conv2", "fc1", "fc2"))
     assert total == pytest.approx(scalars["grad_noise/trace_cov/total"][0][1], rel=1e-5)
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.slow
+def test_ddp_logs_once_the_value_of_one_process_on_the_same_global_batch(tmp_path):
+    """2 gloo processes x 8 examples against 1 process x 2 micro-batches of the same 8 + 8 (tests/grad_noise_ddp.py):
+    the exact head sums per-example norms over both ranks; the GRU and embedding take each rank's gradient
+    (before the all-reduce) as one group, as the single process takes each micro-batch."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    values = {}
+    for mode in ("ddp", "single"):
+        out = tmp_path / f"{mode}.json"
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "grad_noise_ddp.py"), mode, str(out)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        values[mode] = json.loads(out.read_text())
+        assert proc.stderr.count("grad_noise[/]") == 0 and proc.stderr.count("grad_noise:") == 1  # rank 0 only
+    ddp, single = values["ddp"], values["single"]
+    assert ddp.keys() == single.keys() and ddp["grad_noise/batch_size"] == 16
+    assert math.isfinite(ddp["grad_noise/b_simple/embedding"])  # not a nan == nan comparison only
+    for tag in ("trace_cov", "signal", "b_simple", "snr"):
+        for layer in ("embedding", "rnn", "head", "total"):
+            key = f"grad_noise/{tag}/{layer}"
+            assert ddp[key] == pytest.approx(single[key], rel=1e-9, nan_ok=True), key

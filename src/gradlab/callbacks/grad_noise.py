@@ -226,7 +226,8 @@ class PerExampleTap:
 
     def _on_model_end(self, module, args, out) -> None:
         # Decide per layer now: in the backward, a layer's hook on the model's own output tensor runs before ours.
-        if not (torch.is_tensor(out) and out.requires_grad):
+        # Under DDP, Lightning also routes training_step through this module's __call__: its output is the loss.
+        if not (torch.is_tensor(out) and out.requires_grad and out.dim() > 0):
             return
         rows = self._rows = out.shape[0]
         self.batch_norm = mixes_samples(self.model)
