@@ -18,16 +18,18 @@ from gradlab.models.rnn import SentimentRNN
 
 
 class TinyCNN(nn.Module):
-    """conv1 takes the materialized per-example path, conv2 (4 output positions) the Gram form."""
+    """Each conv takes another path of conv2d_sq: windows gathered into one matmul (1 channel), one matmul per
+    kernel tap (16 channels, zero padding), the Gram form (4 output positions)."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3)                           # 8x8 -> 6x6: P=36, I=9, O=4
-        self.conv2 = nn.Conv2d(4, 40, 3, stride=2, padding=0)     # 6x6 -> 2x2: P=4, I=36, O=40
+        self.conv1 = nn.Conv2d(1, 16, 3)                          # 8x8 -> 6x6
+        self.conv2 = nn.Conv2d(16, 4, 3, padding=1)               # 6x6 -> 6x6: P=36, I=144, O=4
+        self.conv3 = nn.Conv2d(4, 40, 3, stride=2)                # 6x6 -> 2x2: P=4, I=36, O=40
         self.fc = nn.Linear(160, 3)
 
     def forward(self, x):
-        x = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
+        x = torch.tanh(self.conv3(torch.tanh(self.conv2(torch.tanh(self.conv1(x))))))
         return F.log_softmax(self.fc(x.flatten(1)), dim=1)
 
 
