@@ -277,3 +277,26 @@ def test_ddp_logs_once_the_value_of_one_process_on_the_same_global_batch(tmp_pat
         for layer in ("embedding", "rnn", "head", "total"):
             key = f"grad_noise/{tag}/{layer}"
             assert ddp[key] == pytest.approx(single[key], rel=1e-9, nan_ok=True), key
+
+
+def test_the_moving_averages_travel_in_checkpoints():
+    first = GradNoiseMonitor(log_every_n_steps=1)
+    fit("cnn", [first], steps=3)
+    second = GradNoiseMonitor(log_every_n_steps=1)
+    second.load_state_dict(first.state_dict())
+    assert second.final_metrics() == first.final_metrics()
+    assert torch.equal(second._ema["trace"], first._ema["trace"].double())
+
+
+def test_batch_norm_in_training_mode_puts_every_layer_on_groups(capsys):
+    """Per-example gradients are not defined when batch norm mixes the batch: no layer may claim exact values."""
+    torch.manual_seed(0)
+    net = ManualMLP(6, [5], 3, batch_norm=True, backend="autograd").double()
+    tap = PerExampleTap(net)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    names, trace, _, _ = measure(net, classification_loss(3, "autograd"), x, y, tap)
+    assert tap.batch_norm == ["layers.bn1"] and tap.estimated == set(range(len(tap.layers)))
+    assert torch.isfinite(trace).all()
+    net.eval()  # running statistics: examples independent again, linear layers exact
+    measure(net, classification_loss(3, "autograd"), x, y, tap)
+    assert tap.batch_norm == [] and {tap.layers[i][0] for i in tap.estimated} == {"layers.bn1"}

@@ -203,11 +203,9 @@ class PerExampleTap:
         self.q = [None] * len(self.layers)           # Σ_j ‖s_j‖²/n_j per layer, a tensor on the device
         self.m = [0] * len(self.layers)              # groups per layer
         self.n = 0                                   # examples in the step
-        self._owner = {}
         for i, (_, module, params) in enumerate(self.layers):
             self._handles.append(module.register_forward_hook(self._on_layer_forward(i)))
             for p in params:
-                self._owner[p] = i
                 self._handles.append(p.register_hook(self._on_param_grad(i, p)))
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
         self._handles.append(self.model.register_forward_hook(self._on_model_end))
@@ -406,6 +404,7 @@ class GradNoiseMonitor(Callback):
         beta = self.smoothing
         for key, value in (("trace", trace), ("signal", signal)):
             old = self._ema.get(key)
+            old = old.to(value.device) if old is not None else None
             self._ema[key] = value if old is None or old.shape != value.shape else beta * old + (1 - beta) * value
         b = self._ema["trace"] / self._ema["signal"]
         return torch.where(self._ema["signal"] > 0, b, torch.full_like(b, math.nan))
@@ -427,6 +426,14 @@ class GradNoiseMonitor(Callback):
                     + ("." if tap.grouped else "; halves of one batch share its statistics (a 1/B coupling); "
                        "trainer.accumulate_grad_batches=2 makes each group its own batch."))
         self._console.print(f"[bold]grad_noise[/]: {'; '.join(lines)}.{note}", highlight=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The moving averages ride in checkpoints, so a resumed run logs the B_simple an uninterrupted one would.
+        return {"ema": {k: v.tolist() for k, v in self._ema.items()}, "last": dict(self.last)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._ema = {k: torch.tensor(v, dtype=torch.float64) for k, v in state_dict.get("ema", {}).items()}
+        self.last = dict(state_dict.get("last", {}))
 
     def final_metrics(self) -> dict[str, Any]:
         """For metrics.json and the results table: the last B_simple, the batch it was measured at, a reading."""
