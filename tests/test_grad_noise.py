@@ -18,16 +18,18 @@ from gradlab.models.rnn import SentimentRNN
 
 
 class TinyCNN(nn.Module):
-    """conv1 takes the materialized per-example path, conv2 (4 output positions) the Gram form."""
+    """Each conv takes another path of conv2d_sq: windows gathered into one matmul (1 channel), one matmul per
+    kernel tap (16 channels, zero padding), the Gram form (4 output positions)."""
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3)                           # 8x8 -> 6x6: P=36, I=9, O=4
-        self.conv2 = nn.Conv2d(4, 40, 3, stride=2, padding=0)     # 6x6 -> 2x2: P=4, I=36, O=40
+        self.conv1 = nn.Conv2d(1, 16, 3)                          # 8x8 -> 6x6
+        self.conv2 = nn.Conv2d(16, 4, 3, padding=1)               # 6x6 -> 6x6: P=36, I=144, O=4
+        self.conv3 = nn.Conv2d(4, 40, 3, stride=2)                # 6x6 -> 2x2: P=4, I=36, O=40
         self.fc = nn.Linear(160, 3)
 
     def forward(self, x):
-        x = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))
+        x = torch.tanh(self.conv3(torch.tanh(self.conv2(torch.tanh(self.conv1(x))))))
         return F.log_softmax(self.fc(x.flatten(1)), dim=1)
 
 
@@ -248,3 +250,53 @@ def test_train_py_writes_the_reading_into_metrics_json_and_the_table(cnn_run):
     total = sum(scalars[f"grad_noise/trace_cov/{k}"][0][1] for k in ("conv1", "conv2", "fc1", "fc2"))
     assert total == pytest.approx(scalars["grad_noise/trace_cov/total"][0][1], rel=1e-5)
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.slow
+def test_ddp_logs_once_the_value_of_one_process_on_the_same_global_batch(tmp_path):
+    """2 gloo processes x 8 examples against 1 process x 2 micro-batches of the same 8 + 8 (tests/grad_noise_ddp.py):
+    the exact head sums per-example norms over both ranks; the GRU and embedding take each rank's gradient
+    (before the all-reduce) as one group, as the single process takes each micro-batch."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    values = {}
+    for mode in ("ddp", "single"):
+        out = tmp_path / f"{mode}.json"
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "grad_noise_ddp.py"), mode, str(out)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        values[mode] = json.loads(out.read_text())
+        assert proc.stderr.count("grad_noise[/]") == 0 and proc.stderr.count("grad_noise:") == 1  # rank 0 only
+    ddp, single = values["ddp"], values["single"]
+    assert ddp.keys() == single.keys() and ddp["grad_noise/batch_size"] == 16
+    assert math.isfinite(ddp["grad_noise/b_simple/embedding"])  # not a nan == nan comparison only
+    for tag in ("trace_cov", "signal", "b_simple", "snr"):
+        for layer in ("embedding", "rnn", "head", "total"):
+            key = f"grad_noise/{tag}/{layer}"
+            assert ddp[key] == pytest.approx(single[key], rel=1e-9, nan_ok=True), key
+
+
+def test_the_moving_averages_travel_in_checkpoints():
+    first = GradNoiseMonitor(log_every_n_steps=1)
+    fit("cnn", [first], steps=3)
+    second = GradNoiseMonitor(log_every_n_steps=1)
+    second.load_state_dict(first.state_dict())
+    assert second.final_metrics() == first.final_metrics()
+    assert torch.equal(second._ema["trace"], first._ema["trace"].double())
+
+
+def test_batch_norm_in_training_mode_puts_every_layer_on_groups(capsys):
+    """Per-example gradients are not defined when batch norm mixes the batch: no layer may claim exact values."""
+    torch.manual_seed(0)
+    net = ManualMLP(6, [5], 3, batch_norm=True, backend="autograd").double()
+    tap = PerExampleTap(net)
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    names, trace, _, _ = measure(net, classification_loss(3, "autograd"), x, y, tap)
+    assert tap.batch_norm == ["layers.bn1"] and tap.estimated == set(range(len(tap.layers)))
+    assert torch.isfinite(trace).all()
+    net.eval()  # running statistics: examples independent again, linear layers exact
+    measure(net, classification_loss(3, "autograd"), x, y, tap)
+    assert tap.batch_norm == [] and {tap.layers[i][0] for i in tap.estimated} == {"layers.bn1"}
