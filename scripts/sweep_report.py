@@ -11,7 +11,6 @@ The metric defaults to the sweep's `optimized_metric`.
 
 import argparse
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import yaml
 
 from gradlab.cli import fail
 from gradlab.errors import UserError
+from gradlab.runs import read_metrics, read_overrides
 
 METRICS = ("val/acc", "val/acc_best", "val/loss", "test/acc", "test/loss")
 LOG_KEYS = ("lr", "max_lr", "learning_rate", "weight_decay", "eps")
@@ -48,10 +48,10 @@ def read_jobs(sweep_dir: Path) -> list[Job]:
     jobs = []
     for overrides_file in sweep_dir.rglob(".hydra/overrides.yaml"):
         job_dir = overrides_file.parent.parent
-        overrides = yaml.safe_load(overrides_file.read_text()) or []
+        overrides = read_overrides(str(overrides_file))
         values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
         metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        metrics = read_metrics(str(metrics_file)) if metrics_file.exists() else {}
         jobs.append(Job(str(job_dir.relative_to(sweep_dir)), values, metrics))
     if not jobs:
         raise UserError(f"No jobs under {sweep_dir}: a sweep dir holds one folder per job, each with "
@@ -67,8 +67,13 @@ def swept_keys(jobs: list[Job]) -> list[str]:
 
 def sweep_metric(sweep_dir: Path) -> str:
     multirun = sweep_dir / "multirun.yaml"
-    config = yaml.safe_load(multirun.read_text()) if multirun.exists() else {}
-    return (config or {}).get("optimized_metric") or "val/acc"
+    try:
+        config = yaml.safe_load(multirun.read_bytes().decode("utf-8")) if multirun.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
+        raise UserError(f"{multirun} is not readable YAML ({type(err).__name__}); "
+                        "pass the metric with --metric.") from None
+    metric = config.get("optimized_metric") if isinstance(config, dict) else None
+    return metric if isinstance(metric, str) and metric else "val/acc"
 
 
 def ranked(jobs: list[Job], metric: str, minimize: bool) -> list[Job]:
@@ -156,9 +161,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         jobs = read_jobs(args.sweep_dir)
+        metric = args.metric or sweep_metric(args.sweep_dir)
     except UserError as err:
         fail(str(err))
-    metric = args.metric or sweep_metric(args.sweep_dir)
     minimize = (args.mode or ("min" if "loss" in metric else "max")) == "min"
     keys = swept_keys(jobs)
     shown = [metric, *(m for m in METRICS if m != metric and any(j.number(m) is not None for j in jobs))]

@@ -64,6 +64,46 @@ def register_resolver() -> None:
         OmegaConf.register_new_resolver("gradlab.claim_dir", _claim_dir_or_exit, use_cache=True)
 
 
+def read_metrics(path: str) -> dict:
+    """A run's metrics.json as a dict (train.py writes it), or a UserError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_RECORD_BYTES + 1).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise UserError(f"{path} is not a readable metrics.json ({_reason(err)}). train.py writes it at the end "
+                        "of a run: delete it (the run then counts as unfinished) or copy it again.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a metrics.json: it holds a JSON {type(data).__name__}, not an object.")
+    return data
+
+
+def read_overrides(path: str) -> list[str]:
+    """A job's .hydra/overrides.yaml as a list of `key=value` strings, or a UserError naming the file."""
+    import yaml
+
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f.read(MAX_RECORD_BYTES + 1).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as err:
+        raise UserError(f"{path} is not a readable overrides.yaml ({_reason(err)}). Hydra writes it into every "
+                        "run folder: copy the folder again, or remove that run.") from None
+    data = [] if data is None else data
+    if not isinstance(data, list) or not all(isinstance(o, str) for o in data):
+        raise UserError(f"{path} is not a Hydra overrides.yaml: expected a list of key=value strings.")
+    return data
+
+
+# Both files are a few kB; a bigger one is not what train.py or Hydra wrote.
+MAX_RECORD_BYTES = 10 * 2**20
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    text = " ".join(str(err).split())[:160]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def resolve_checkpoint(cfg: DictConfig) -> None:
     """Turn `ckpt_path` (a file, a run folder or `last`) into a file; a resumed training run continues in its folder."""
     value = cfg.get("ckpt_path")
@@ -98,10 +138,9 @@ def _checkpoint_of_run(run_dir: str, best: bool) -> str:
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     metrics = os.path.join(run_dir, "metrics.json")
     if best and os.path.isfile(metrics):
-        with open(metrics) as f:
-            chosen = json.load(f).get("best_checkpoint")
+        chosen = read_metrics(metrics).get("best_checkpoint")
         # By name inside this folder, so that a run folder copied elsewhere still finds its own file.
-        here = os.path.join(run_dir, "checkpoints", os.path.basename(chosen)) if chosen else ""
+        here = os.path.join(run_dir, "checkpoints", os.path.basename(chosen)) if isinstance(chosen, str) else ""
         if os.path.isfile(here):
             return here
     if os.path.isfile(last):

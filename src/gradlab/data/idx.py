@@ -61,9 +61,12 @@ def _check_header(path: str, head: bytes, size: int, ndim: int) -> tuple[int, ..
     return dims
 
 
-def check_pair(images: str, labels: str, num_classes: int) -> None:
-    """An image file (N, H, W) and its label file (N,) that agree, with labels in 0..num_classes-1."""
-    n_images = read_header(images, 3)[0]
+def check_pair(images: str, labels: str, num_classes: int, image_size: tuple[int, int] = (28, 28)) -> None:
+    """An image file (N, H, W) of `image_size` images and its label file (N,) that agree, labels in 0..num_classes-1."""
+    n_images, *size = read_header(images, 3)
+    if tuple(size) != tuple(image_size):
+        raise UserError(f"{images} holds {' x '.join(map(str, size))} images; this dataset's are "
+                        f"{' x '.join(map(str, image_size))}.")
     n_labels = read_header(labels, 1)[0]
     if n_images != n_labels:
         raise UserError(f"{images} holds {n_images} images but {labels} holds {n_labels} labels; "

@@ -11,12 +11,18 @@ from gradlab.errors import UserError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 SIZE = 28
+# A 48-megapixel photo is 8000 x 6000; a header that claims more is refused before any pixel is decoded.
+MAX_PIXELS = 8000 * 6000
 
 
 def list_images(path: str) -> list[str]:
     """`path` itself, or the image files of the folder `path` (by extension, sorted)."""
     if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(EXTENSIONS))
+        try:
+            names = os.listdir(path)
+        except OSError as err:
+            raise UserError(f"input={path}: cannot list the folder ({err.strerror}).") from None
+        files = sorted(os.path.join(path, f) for f in names if f.lower().endswith(EXTENSIONS))
         if not files:
             raise UserError(f"input={path}: the folder holds no image files ({', '.join(EXTENSIONS)}).")
         return files
@@ -34,11 +40,18 @@ def load_digit(path: str, invert: Union[bool, str] = "auto") -> torch.Tensor:
     """
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:  # before decoding: the header alone decides
+                raise ValueError(f"it claims {image.width} x {image.height} pixels, more than the "
+                                 f"{MAX_PIXELS:,} read here")
             image = ImageOps.exif_transpose(image)
             image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
-        raise UserError(f"{path}: {reason}. Give a PNG or JPEG image (any size), or a folder of them.") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file PIL can read. Give a PNG or JPEG image (any size), or a "
+                        "folder of them.") from None
+    except Exception as err:  # PIL's decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error, ...
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UserError(f"{path}: cannot be read as an image ({reason}). Give a PNG or JPEG image (any size), or "
+                        "a folder of them.") from None
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

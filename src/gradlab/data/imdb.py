@@ -66,7 +66,10 @@ def read_split(folder: str, split: str) -> tuple[list[str], torch.Tensor]:
     texts, labels = [], []
     for label, name in ((1, "pos"), (0, "neg")):
         directory = os.path.join(folder, split, name)
-        files = [f for f in os.listdir(directory) if f.endswith(".txt")]
+        try:
+            files = [f for f in os.listdir(directory) if f.endswith(".txt")]
+        except OSError as err:
+            raise UserError(f"Cannot list {directory}: {err.strerror}. Extract {os.path.basename(URL)} again.") from None
         if not files:
             raise UserError(f"{directory} holds no reviews (<id>_<rating>.txt files): a partial extraction? "
                             f"Extract {os.path.basename(URL)} again.")
