@@ -1,4 +1,4 @@
-"""experiment=mnist_fast and trainer.precision=auto: the recipe runs, keeps the reference network, picks its precision."""
+"""experiment=mnist_fast and trainer.precision=auto: the recipe runs on the reference network; auto follows the CPU."""
 
 import json
 
@@ -13,7 +13,7 @@ from helpers import load_script, run_cli, tiny_mnist_args
 @pytest.mark.parametrize("accelerator, flags, cuda_bf16, expected", [
     ("auto", {"avx512f", "avx512_bf16", "avx2"}, None, "bf16-mixed"),       # AMD Zen 4/5, Intel Cooper Lake
     ("cpu", {"avx512f", "amx_bf16", "amx_tile"}, None, "bf16-mixed"),       # Intel Sapphire Rapids (AMX)
-    ("auto", {"avx512f", "avx512bw", "avx2"}, None, "32-true"),             # AVX-512 without BF16 (Skylake, Zen 3-)
+    ("auto", {"avx512f", "avx512bw", "avx2"}, None, "32-true"),             # AVX-512, no BF16 (Skylake-SP..Ice Lake)
     ("auto", {"avx2", "fma"}, None, "32-true"),
     ("auto", set(), None, "32-true"),                                      # flags unknown (macOS, Windows)
     ("auto", {"avx2"}, True, "bf16-mixed"),                                # an Ampere+ GPU wins over the CPU
