@@ -21,8 +21,8 @@ import time
 # (row, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY); None leaves the variable unset (the CPU's best).
 CAPS = [
     ("native (this CPU)", None, None),
-    ("AVX-512 without BF16 (as Skylake-SP, Cascade Lake, Zen 3)", "AVX512_CORE_VNNI", "avx512"),
-    ("AVX2 only (as Haswell to Coffee Lake, Zen 2)", "AVX2", "avx2"),
+    ("AVX-512 without BF16 (as Skylake-SP to Ice Lake)", "AVX512_CORE_VNNI", "avx512"),
+    ("AVX2 only (as Haswell to Alder Lake, Zen 1-3)", "AVX2", "avx2"),
 ]
 
 

@@ -3,14 +3,18 @@
     python scripts/bench_time_to_accuracy.py                         # ../shared/data/fashion-mnist-train
     python scripts/bench_time_to_accuracy.py --target 0.92 --peer-epochs 3 --fraction 0.1   # a quick look
 
-Two processes side by side (one thread each by default), so that whatever else loads the machine loads both: the peer is pytorch/examples `main.py` with its default flags plus `--no-accel` (its `Net` verbatim,
-ToTensor + Normalize per sample, DataLoader batch 64 without shuffling, as main.py does off accelerators, Adadelta
-lr 1.0, StepLR x0.7 per epoch, seed 1, 14 epochs); only the dataset class (FashionMNIST) and the split differ:
-both train on the same 55,000 images and evaluate on the same 5,000 held out (data.split_seed's permutation).
-Ours is `train.py experiment=mnist_fast`, with trainer.precision=auto, then 32-true (`--precisions`). Both evaluate every `--every` of an epoch; a
-curve point's seconds are wall time since the process was started (imports and data loading included) minus the
-time spent in those evaluations. The target accuracy defaults to the peer's final (14-epoch) validation accuracy.
-Prints the seconds each needs to reach it, the ratio, the CPU model; draws docs/img/time_to_accuracy.png.
+The peer and ours run side by side, one process each and one thread each by default, so that whatever else loads
+the machine loads all of them. The peer is pytorch/examples `main.py` with its default flags plus `--no-accel` (its
+`Net` verbatim, ToTensor + Normalize per sample, DataLoader batch 64 without shuffling, as main.py does off
+accelerators, Adadelta lr 1.0, StepLR x0.7 per epoch, seed 1, 14 epochs); only the dataset class (FashionMNIST) and
+the split differ: both train on the same 55,000 images and evaluate on the same 5,000 held out (data.split_seed's
+permutation). Ours is `train.py experiment=mnist_fast`, once per `--precisions` entry (auto, and 32-true for the
+accuracy parity). All evaluate every `--every` of an epoch; a curve point's seconds are wall (and CPU) seconds
+since the process was started (imports and data loading included) minus those spent in the evaluations. The target
+accuracy defaults to the peer's final (14-epoch) validation accuracy. Prints the seconds each needs to reach it
+and the ratios, with the CPU model; draws docs/img/time_to_accuracy.png (wall and CPU seconds). `--replot` reports
+from the curves kept in `--workdir`, also while the processes still run (the peer's last accuracy so far is then
+the default target).
 """
 
 import argparse
@@ -168,41 +172,47 @@ def cpu_model() -> str:
 
 
 def plot(curves: dict[str, list[dict]], target: float, path: Path, title: str) -> None:
+    """Validation accuracy against wall seconds (left) and CPU seconds (right), evaluations excluded from both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (name, curve), style in zip(curves.items(), ("-o", "-s", "--s")):
-        ax.plot([p["s"] for p in curve], [100 * p["acc"] for p in curve], style, ms=3, label=name)
-    ax.axhline(100 * target, color="grey", lw=0.8, ls=":", label=f"target {100 * target:.2f}%")
-    ax.set_xlabel("seconds (wall time, evaluations excluded)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_ylim(max(80, 100 * min(p["acc"] for c in curves.values() for p in c) - 1), None)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    low = max(75, 100 * min(p["acc"] for c in curves.values() for p in c) - 1)
+    for ax, clock, label in zip(axes, ("s", "cpu_s"), ("wall seconds", "CPU seconds (all threads)")):
+        for (name, curve), style in zip(curves.items(), ("-o", "-s", "--^", ":v")):
+            ax.plot([p[clock] for p in curve], [100 * p["acc"] for p in curve], style, ms=3, label=name)
+        ax.axhline(100 * target, color="grey", lw=0.8, ls=":", label=f"target {100 * target:.2f}%")
+        ax.set_xlabel(f"{label}, evaluations excluded")
+        ax.set_ylim(low, None)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shared = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") if p.is_dir()), ROOT.parent / "shared")
+    shared = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") if p.is_dir()),
+                  ROOT.parent / "shared")
     parser.add_argument("--data", default=str(shared / "data" / "fashion-mnist-train"),
-                        help="a folder holding FashionMNIST/raw/ (IDX or .gz; default ../shared/data/fashion-mnist-train)")
+                        help="a folder holding FashionMNIST/raw/ (IDX or .gz files; default "
+                             "../shared/data/fashion-mnist-train)")
     parser.add_argument("--target", type=float, default=None,
                         help="validation accuracy to reach, in [0, 1] (default: the peer's final accuracy)")
     parser.add_argument("--peer-epochs", type=int, default=14, help="the peer's epochs (default 14, main.py's)")
     parser.add_argument("--every", type=float, default=0.25, help="evaluate every this fraction of an epoch")
-    parser.add_argument("--fraction", type=float, default=1.0, help="train on this fraction of the 55,000 (quick looks)")
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help="train on this fraction of the 55,000 (quick looks)")
     parser.add_argument("--precisions", default="auto,32-true",
-                        help="our runs, one after the other while the peer runs, by trainer.precision (default "
-                             "auto,32-true: bf16 here, then float32 from the same seed for the accuracy parity)")
+                        help="our runs, all beside the peer, by trainer.precision (default auto,32-true: bf16 "
+                             "here, and float32 from the same seed for the accuracy parity)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of each process (default 1: the two run side by side on 2 cores; 0: torch's)")
+                        help="OMP_NUM_THREADS of each process (default 1: side by side on 2 cores; 0: torch's)")
     parser.add_argument("--workdir", default=None, help="keep curves and outputs here (default: a temporary folder)")
     parser.add_argument("--replot", action="store_true", help="only redraw and report from the curves in --workdir")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "img" / "time_to_accuracy.png"))
@@ -229,11 +239,13 @@ def main(argv=None) -> None:
         peer_out, peer_log = os.path.join(work, "peer.jsonl"), os.path.join(work, "peer.log")
         peer_proc = start(peer_cmd(root, args, peer_out), peer_log, args.threads)
         print(f"peer started ({args.peer_epochs} epochs); output {peer_log}", flush=True)
-        curves: dict[str, list[dict]] = {}
+        ours = {}
         for precision in args.precisions.split(","):
             out, log = os.path.join(work, f"ours-{precision}.jsonl"), os.path.join(work, f"ours-{precision}.log")
-            curve = finish(start(ours_cmd(root, args, precision, out, work), log, args.threads), out, log)
-            curves[f"{OURS}, precision={precision}"] = curve
+            ours[precision] = start(ours_cmd(root, args, precision, out, work), log, args.threads), out, log
+        curves: dict[str, list[dict]] = {}
+        for precision, (proc, out, log) in ours.items():
+            curve = curves[f"{OURS}, precision={precision}"] = finish(proc, out, log)
             print(f"  ours, precision={precision}: {len(curve)} evaluations, last {100 * curve[-1]['acc']:.2f}% at "
                   f"{curve[-1]['s']:.1f} s", flush=True)
         curves = {PEER: finish(peer_proc, peer_out, peer_log), **curves}

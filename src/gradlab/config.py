@@ -25,8 +25,8 @@ from gradlab.errors import UserError
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc")
 METRIC_PREFIXES = ("grad_norm/", "param_norm/", "update_ratio/")
 # "auto" (gradlab.precision): bf16-mixed where the CPU or GPU computes bfloat16 natively, else 32-true.
-PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true",
-              "bf16-true", "transformer-engine", "transformer-engine-float16")
+PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true",
+              "transformer-engine", "transformer-engine-float16", "auto")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # Targets that need a package of their own, beyond their module's (which Lightning has without them), and how to
 # install it: `logger=wandb` without wandb fails here, in a second, instead of after the data is loaded.
@@ -118,7 +118,7 @@ RULES: list[tuple[str, Check]] = [
     ("trainer.devices", (lambda v: v == "auto" or v == -1 or (_int(v) and v >= 1) or isinstance(v, (list, str)),
                          "an integer >= 1, -1 (all), auto, or a list of device ids")),
     ("trainer.num_nodes", COUNT),
-    ("trainer.precision", (lambda v: str(v) in PRECISIONS, "one of auto, " + ", ".join(PRECISIONS[1::2]) + ", ...")),
+    ("trainer.precision", (lambda v: str(v) in PRECISIONS, "one of " + ", ".join(PRECISIONS[::2]) + ", ...")),
     ("trainer.limit_*_batches", BATCHES), ("trainer.overfit_batches", BATCHES),
     ("trainer.fast_dev_run", (lambda v: isinstance(v, bool) or (_int(v) and v >= 0), "true, false or a batch count")),
     ("trainer.log_every_n_steps", COUNT_OR_NULL),

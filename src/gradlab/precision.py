@@ -1,14 +1,14 @@
 """`trainer.precision=auto`: bf16-mixed where the hardware computes bfloat16 natively, 32-true elsewhere.
 
-    python train.py experiment=mnist_fast trainer.precision=auto   # prints e.g. "precision=auto: bf16-mixed (...)"
+    python train.py experiment=mnist_fast   # prints e.g. "trainer.precision=auto: bf16-mixed (the CPU ...)"
 
 Where bf16 pays (measured in docs/benchmarks.md, "bf16 where it pays"):
 * x86 CPUs with AVX512-BF16 (AMD Zen 4/5, Intel Cooper Lake) or AMX (Intel Sapphire Rapids and later): oneDNN runs
   bfloat16 convolutions and matmuls natively, about 1.8x the float32 step of the MNIST CNN on an AMD EPYC.
 * CUDA GPUs that support bfloat16 (Ampere and later): tensor cores.
-Where it does not: x86 CPUs with AVX-512 but no BF16 (Skylake/Cascade Lake, Zen 3 and older) or AVX2 only, where
-oneDNN converts to float32 and back around every kernel, and any CPU whose flags we cannot read (macOS, Windows,
-ARM; bf16 on ARM is not measured here). There `auto` keeps float32.
+Where it does not: x86 CPUs with AVX-512 but no BF16 (Skylake-SP to Ice Lake: 0.57x, emulated) or AVX2 only
+(Zen 1-3, most Intel desktop chips), where oneDNN converts to float32 and back around every kernel; and any CPU
+whose flags cannot be read here (macOS, Windows) or that is not measured (ARM's bf16). There `auto` keeps float32.
 """
 
 import os
