@@ -7,7 +7,6 @@ counts so that each test takes a few seconds; the examples per test are the `max
 import gzip
 import io
 import os
-import pickle
 import struct
 import sys
 import tracemalloc
