@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     reference = json.loads((the_run(ref_root) / "metrics.json").read_text())
 
-    counts, failures, log, lives, processes, completed = Counter(), [], [], 0, 1, 0
+    counts, failures, log, lives, processes = Counter(), [], [], 0, 1
     while sum(counts.values()) < args.kills:
         lives += 1
         root = out / f"life_{lives:02d}"
@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                                     f"{proc.stderr[-800:]}")
                 else:
                     got = json.loads((the_run(root) / "metrics.json").read_text())
-                    completed += 1
                     diff = {k: (got.get(k), reference.get(k)) for k in COMPARED if got.get(k) != reference.get(k)}
                     if diff or got.get("status") != "completed":
                         failures.append(f"life {lives}: metrics differ from the uninterrupted run: {diff}")

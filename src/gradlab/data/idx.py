@@ -64,6 +64,8 @@ def _check_header(path: str, head: bytes, size: int, ndim: int) -> tuple[int, ..
 def check_pair(images: str, labels: str, num_classes: int, image_size: tuple[int, int] = (28, 28)) -> None:
     """An image file (N, H, W) of `image_size` images and its label file (N,) that agree, labels in 0..num_classes-1."""
     n_images, *size = read_header(images, 3)
+    if n_images == 0:  # torchvision cannot read an empty one (a ValueError about buffer offsets)
+        raise UserError(f"{images} holds no images.")
     if tuple(size) != tuple(image_size):
         raise UserError(f"{images} holds {' x '.join(map(str, size))} images; this dataset's are "
                         f"{' x '.join(map(str, image_size))}.")
