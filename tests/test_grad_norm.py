@@ -3,6 +3,7 @@ health warnings and the non-finite stop; the same through the real train.py; the
 
 import json
 import math
+import os
 from functools import partial
 from pathlib import Path
 
@@ -238,7 +239,8 @@ def cnn_run(mnist_root, tmp_path_factory):
                    "callbacks.grad_norm.log_every_n_steps=1", "trainer.gradient_clip_val=0.5",
                    "callbacks.resume.every_n_train_steps=1",
                    "+callbacks.plant_nan._target_=test_grad_norm.PlantNaN", "+callbacks.plant_nan.step=9",
-                   "test=false", cwd=out, env={"PYTHONPATH": str(ROOT / "tests")})
+                   "test=false", cwd=out,
+                   env={"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return only_run_dir(out), proc
 
