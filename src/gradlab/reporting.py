@@ -9,7 +9,7 @@ def print_results(metrics: dict, run_dir: str) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     numbers = [k for k in metrics if isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)]
-    for key in sorted(k for k in numbers if "/" in k and not k.startswith("grad_norm")):
+    for key in sorted(k for k in numbers if "/" in k and not k.startswith(("grad_norm", "grad_noise/batch_size"))):
         table.add_row(key, f"{metrics[key]:.4f}")
     for key in ("epochs", "steps", "epoch", "step", "wall_time_s", "suggested_lr"):
         if key in metrics:
