@@ -1,6 +1,6 @@
 """Training throughput of gradlab's Lightning path vs a plain PyTorch loop (pytorch/examples mnist style).
 
-    python scripts/bench_cnn.py                        # real digits from ../shared/data/mnist-5k
+    python scripts/bench_cnn.py                        # MNIST from ./data (python train.py downloads it)
     python scripts/bench_cnn.py --data /datasets --steps 200 --repeats 5
 
 Both train the same CNN, batch 64, Adadelta lr 1.0, on the same IDX files, for the same number of steps, each in a fresh process (so both pay their imports), the two
@@ -80,8 +80,8 @@ def run_worker(kind: str, args, tmp: str, i: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist-5k"),
-                        help="a folder holding MNIST/raw/*-ubyte (default: ../shared/data/mnist-5k)")
+    parser.add_argument("--data", default=str(ROOT / "data"),
+                        help="a folder holding MNIST/raw/*-ubyte (default: ./data, where train.py downloads MNIST)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per run (default 200)")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the rate (default 10)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved (default 3)")

@@ -1,6 +1,6 @@
 """Training throughput of DDP with 2 CPU processes (trainer=ddp_cpu) against one process (trainer=cpu).
 
-    python scripts/bench_ddp.py                          # MNIST CNN on ../shared/data/mnist-5k
+    python scripts/bench_ddp.py                          # MNIST CNN on ./data (python train.py downloads it)
     python scripts/bench_ddp.py --model mlp --steps 200 --repeats 3
 
 Three setups run `train.py` with the same per-process batch (64) for the same number of optimizer steps, each in a
@@ -55,8 +55,8 @@ def run(name: str, args, root: Path) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnist-5k"),
-                        help="a folder holding MNIST/raw/*-ubyte (default: ../shared/data/mnist-5k)")
+    parser.add_argument("--data", default=str(ROOT / "data"),
+                        help="a folder holding MNIST/raw/*-ubyte (default: ./data, where train.py downloads MNIST)")
     parser.add_argument("--model", default="cnn", help="model config (default cnn)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the rate (default 10)")

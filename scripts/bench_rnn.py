@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not has_split(dataset_folder(args.data), "train"):
         sys.exit(f"No aclImdb/train/pos and train/neg under {args.data}: extract aclImdb_v1.tar.gz (or the "
-                 f"train-only archive) there, e.g. tar -xzf ../shared/data/aclImdb_train.tar.gz -C {args.data}")
+                 f"train-only archive) there, e.g. tar -xzf aclImdb_v1.tar.gz -C {args.data}")
 
     cfg = default_config([f"model.cell={args.cell}"] if args.cell else [])
     net_kwargs = {k: v for k, v in cfg.model.net.items() if k != "_target_"}

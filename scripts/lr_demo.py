@@ -4,7 +4,7 @@
     python scripts/lr_demo.py --lrs 0.003 0.03 0.3 3 --steps 600
     python scripts/lr_demo.py --optimizers sgd momentum adagrad rmsprop adam --out optimizers.png
     python scripts/lr_demo.py --lrs 0.3 3 --clip 1 --out clipping.png   # each rate with and without clipping
-    python scripts/lr_demo.py --mnist ../shared/data/mnist-5k    # MNIST digits instead
+    python scripts/lr_demo.py --mnist data          # MNIST digits instead (a folder holding MNIST/raw/)
     python scripts/lr_demo.py --runs logs/train/multiruns/<time> # the train/loss curves of a Hydra sweep, made by
         python train.py -m optimizer=sgd optimizer.lr=0.001,0.01,0.1,1 trainer.log_every_n_steps=1
 

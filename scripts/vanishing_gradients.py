@@ -2,7 +2,7 @@
 
     python scripts/vanishing_gradients.py                       # 15 hidden layers on 3-arm spirals, ~1 min on CPU
     python scripts/vanishing_gradients.py --depth 20 --steps 500 --out grads.png
-    python scripts/vanishing_gradients.py --mnist ../shared/data/mnist-5k    # MNIST digits instead
+    python scripts/vanishing_gradients.py --mnist data          # MNIST digits instead (a folder holding MNIST/raw/)
 
 Every variant is gradlab's ManualMLP (hand-written backward; --backend autograd for torch's) with `--depth`
 hidden layers of `--width` units and its activation-matched init (Xavier for sigmoid and tanh, Kaiming for
