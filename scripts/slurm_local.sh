@@ -71,7 +71,7 @@ chown root:root /etc/munge/munge.key
 chmod 400 /etc/munge/munge.key
 
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(nproc --all)  # --all: plain nproc honours OMP_NUM_THREADS, which the test suite sets to 1
 # RealMemory in MB: what `free` calls total, less 5% that SLURM must not hand out (the OS, these daemons).
 mem_mb=$(free -m | awk '/^Mem:/ {print int($2 * 0.95)}')
 
