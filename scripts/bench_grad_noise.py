@@ -48,7 +48,7 @@ def build(kind: str, batch: int):
         x = torch.randn(batch, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
         return net, F.nll_loss, (x,), torch.randint(0, 10, (batch,), generator=g)
     if kind == "mlp":
-        net = ManualMLP(784, [256, 128], 10, backend="manual", fused=False)
+        net = ManualMLP(784, [256, 128], 10, backend="manual")
         return net, classification_loss(10), (torch.randn(batch, 784, generator=g),), torch.randint(0, 10, (batch,))
     net = SentimentRNN(vocab_size=20000, embed_dim=128, hidden_size=64, cell="gru", dropout=0.5)
     tokens = torch.randint(1, 20000, (batch, 128), generator=g)

@@ -62,7 +62,9 @@ def test_fast_recipe_trains_and_its_checkpoint_loads_into_the_reference_net(mnis
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["gradlab_config"]["model"]["criterion"]["label_smoothing"] == 0.1
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    ref = load_script("bench_cnn").examples_net()
+    from gradlab.models.reference_net import Net
+
+    ref = Net()
     ref.load_state_dict(state)  # strict: the same names and shapes as pytorch/examples' Net
     from gradlab.models.cnn import MnistCNN
 

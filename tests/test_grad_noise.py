@@ -56,7 +56,7 @@ def make(kind: str, seed: int = 0):
         y = (x[:, 0] < 15).double()  # learnable from the first token
     else:
         backend = kind.split("_")[1]
-        net = ManualMLP(6, [5, 4], 3, activation="tanh", backend=backend, fused=False)
+        net = ManualMLP(6, [5, 4], 3, activation="tanh", backend=backend)
         loss = classification_loss(3, backend)
         x = torch.randn(n, 6, generator=g)
         y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
@@ -146,7 +146,7 @@ def test_b_simple_does_not_depend_on_the_batch_it_is_measured_with():
     over 8 batches of 512 (4,096 examples each), B_simple as their ratio; the two agree within 4 standard
     errors of their difference (delta method on the batch-to-batch spread)."""
     torch.manual_seed(0)
-    net = ManualMLP(6, [16], 3, activation="tanh", backend="manual", fused=False).double()
+    net = ManualMLP(6, [16], 3, activation="tanh", backend="manual").double()
     loss = classification_loss(3, "manual")
     tap = PerExampleTap(net)
     w = torch.randn(6, 3, dtype=torch.float64)

@@ -170,7 +170,8 @@ def test_submitit_local_launcher_runs_the_job_in_its_own_process(mnist_root, tmp
     assert metrics_of(sweep / "0")["status"] == "completed"
     (job_folder,) = [p for p in (sweep / ".submitit").iterdir() if any(p.iterdir())]
     assert (job_folder / f"{job_folder.name}_0_result.pkl").exists()
-    assert "Restoring states from the checkpoint" in (job_folder / f"{job_folder.name}_0_log.err").read_text()
+    logs = "".join((job_folder / f"{job_folder.name}_0_log.{kind}").read_text() for kind in ("out", "err"))
+    assert "Restoring states from the checkpoint" in logs  # Lightning's log lines go where Hydra's logging prints
 
 
 def test_slurm_launcher_config_reaches_the_sbatch_script(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ tensor hook on the output for δᵢ = ∂L/∂outᵢ; nothing reads a Function's
     nn.Conv2d: the per-example gradient (out, in·k²) materialized by one batched matmul per kernel tap, or the
         Gram form Σ_pq (UUᵀ)_pq(δδᵀ)_pq when P·(in·k²+out) < in·k²·out (P output positions): for the MNIST CNN
         materializing is 96x (conv1) and 11x (conv2) fewer multiply-adds than the Gram form.
-    everything else (RNN/GRU/LSTM, embeddings, a layer called twice in one forward, the fused MLP stack) and
+    everything else (RNN/GRU/LSTM, embeddings, a layer called twice in one forward) and
         every layer of a model with batch norm in training mode: groups. Where a step has several micro-batches
         (trainer.accumulate_grad_batches) or ranks (DDP), each micro-batch on each rank is a group, read from the
         parameter's gradient before accumulation and all-reduce: free. Otherwise the batch is split in two

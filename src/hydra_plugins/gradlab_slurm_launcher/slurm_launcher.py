@@ -9,6 +9,7 @@
   result. Here states come from `squeue` in that case, said once.
 """
 
+import os
 from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn
@@ -27,6 +28,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         try:
             check_launcher(self.params)
         except UserError as err:
+            _remove_empty_sweep_dir()
             fail(str(err))
         # SIGUSR1 asks the training to checkpoint and requeue (Lightning's SLURM handler). Sent to the batch
         # shell too (`scancel --signal=USR1 --full`, `--signal=B:USR1@...`), it would kill bash, and with it
@@ -38,3 +40,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
         watch_states_with_squeue_if_no_accounting()  # before submitting: jobs register with the watcher then
         return super().launch(job_overrides, initial_job_idx)
+
+
+def _remove_empty_sweep_dir() -> None:
+    """The sweep folder was claimed when Hydra resolved its name; a sweep stopped before submitting leaves none."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        os.rmdir(HydraConfig.get().sweep.dir)  # only if empty: nothing is ever removed that holds a file
+    except (OSError, ValueError):
+        pass
