@@ -9,6 +9,7 @@
   result. Here states come from `squeue` in that case, said once.
 """
 
+import contextlib
 import os
 from typing import Any, Sequence
 
@@ -21,6 +22,13 @@ TRAP_USR1 = "trap '' USR1"
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        # SIGUSR1 asks the training to checkpoint and requeue (Lightning's SLURM handler). Sent to the batch
+        # shell too (`scancel --signal=USR1 --full`, `--signal=B:USR1@...`), it would kill bash, and with it
+        # the job step, before the requeue: the shell ignores it (srun's tasks are not its children).
+        self.params["setup"] = [TRAP_USR1, *(self.params.get("setup") or [])]
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         from gradlab.cli import fail
         from gradlab.config import check_launcher
         from gradlab.errors import UserError
@@ -28,12 +36,11 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         try:
             check_launcher(self.params)
         except UserError as err:
-            _remove_empty_sweep_dir()
+            # The sweep folder was claimed when Hydra resolved its name; a sweep stopped before submitting leaves
+            # none behind (rmdir: only an empty folder is ever removed).
+            with contextlib.suppress(OSError):
+                os.rmdir(str(config.hydra.sweep.dir))
             fail(str(err))
-        # SIGUSR1 asks the training to checkpoint and requeue (Lightning's SLURM handler). Sent to the batch
-        # shell too (`scancel --signal=USR1 --full`, `--signal=B:USR1@...`), it would kill bash, and with it
-        # the job step, before the requeue: the shell ignores it (srun's tasks are not its children).
-        self.params["setup"] = [TRAP_USR1, *(self.params.get("setup") or [])]
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from gradlab.slurm import watch_states_with_squeue_if_no_accounting
@@ -41,12 +48,3 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         watch_states_with_squeue_if_no_accounting()  # before submitting: jobs register with the watcher then
         return super().launch(job_overrides, initial_job_idx)
 
-
-def _remove_empty_sweep_dir() -> None:
-    """The sweep folder was claimed when Hydra resolved its name; a sweep stopped before submitting leaves none."""
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        os.rmdir(HydraConfig.get().sweep.dir)  # only if empty: nothing is ever removed that holds a file
-    except (OSError, ValueError):
-        pass
