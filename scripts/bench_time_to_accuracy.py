@@ -1,6 +1,6 @@
 """Time to accuracy: `experiment=mnist_fast` against pytorch/examples mnist/main.py's 14 epochs, on Fashion-MNIST.
 
-    python scripts/bench_time_to_accuracy.py                         # ../shared/data/fashion-mnist-train
+    python scripts/bench_time_to_accuracy.py --data DIR             # DIR holds FashionMNIST/raw/ (train files)
     python scripts/bench_time_to_accuracy.py --target 0.92 --peer-epochs 3 --fraction 0.1   # a quick look
 
 The peer and ours run side by side, one process each and one thread each by default, so that whatever else loads
@@ -197,11 +197,9 @@ def plot(curves: dict[str, list[dict]], target: float, path: Path, title: str) -
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shared = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") if p.is_dir()),
-                  ROOT.parent / "shared")
-    parser.add_argument("--data", default=str(shared / "data" / "fashion-mnist-train"),
-                        help="a folder holding FashionMNIST/raw/ (IDX or .gz files; default "
-                             "../shared/data/fashion-mnist-train)")
+    parser.add_argument("--data", default=str(ROOT / "data"),
+                        help="a folder holding FashionMNIST/raw/ (IDX or .gz files; default ./data, where "
+                             "python train.py data=fashion_mnist downloads it)")
     parser.add_argument("--target", type=float, default=None,
                         help="validation accuracy to reach, in [0, 1] (default: the peer's final accuracy)")
     parser.add_argument("--peer-epochs", type=int, default=14, help="the peer's epochs (default 14, main.py's)")
