@@ -74,7 +74,8 @@ def train(args, *overrides: str, timer: bool = True, root: str | None = None) ->
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out, timeout=args.timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"train.py {' '.join(overrides)} exited {proc.returncode}: {proc.stderr[-600:]}")
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+        raise RuntimeError(f"train.py exited {proc.returncode}: {lines[-1] if lines else '(no stderr)'}")
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())
     if timer and timer_file.exists():
         metrics.update(json.loads(timer_file.read_text()))
@@ -255,6 +256,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per subprocess")
     parser.add_argument("--only", nargs="*", help="run only the sections whose name starts with one of these")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup = min(args.warmup, 2)  # a quick section trains only a few steps
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device; use --device cpu to try the script here.",
               file=sys.stderr)
