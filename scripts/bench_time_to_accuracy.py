@@ -43,7 +43,7 @@ def peer(data: str, epochs: int, every: float, fraction: float, out: str) -> Non
     from torch.optim.lr_scheduler import StepLR
     from torchvision import datasets, transforms
 
-    from bench_cnn import examples_net
+    from gradlab.models.reference_net import Net  # pytorch/examples' Net, verbatim
 
     t0, paused, cpu_paused = float(os.environ["BENCH_T0"]), 0.0, 0.0
     torch.manual_seed(1)
@@ -56,7 +56,7 @@ def peer(data: str, epochs: int, every: float, fraction: float, out: str) -> Non
     val_set = torch.utils.data.Subset(dataset1, perm[:VAL_SIZE].tolist())
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=64)  # no shuffle: main.py off accelerators
     test_loader = torch.utils.data.DataLoader(val_set, batch_size=1000)
-    model = examples_net()
+    model = Net()
     optimizer = optim.Adadelta(model.parameters(), lr=1.0)
     scheduler = StepLR(optimizer, step_size=1, gamma=0.7)
     checks = max(1, round(1 / every))
@@ -141,11 +141,18 @@ def start(cmd: list[str], log_path: str, threads) -> subprocess.Popen:
     log = open(log_path, "w")
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    RUNNING.append(proc)
+    return proc
+
+
+RUNNING: list[subprocess.Popen] = []
 
 
 def finish(proc: subprocess.Popen, out: str, log_path: str) -> list[dict]:
     if proc.wait() != 0:
+        for other in RUNNING:  # the others' curves would be of no use without this one
+            other.kill()
         sys.exit(f"failed ({proc.returncode}): {' '.join(proc.args)}; its output: {log_path}")
     return [json.loads(line) for line in Path(out).read_text().splitlines()]
 

@@ -114,6 +114,45 @@ def test_exact_layers_equal_the_brute_force(kind):
         assert (trace[j] / signal[j]).item() == pytest.approx((t / s).item(), rel=1e-5), name
 
 
+def test_a_conv_sample_is_the_first_rows_exactly_scaled_to_the_batch():
+    """conv_sample=0.25 on 24 rows: conv layers sum the brute-force per-example norms of rows 0-5, times 24/6;
+    the linear layer still takes all 24 (its norms are cheap)."""
+    net, loss, x, y = make("cnn")
+    x, y = x[:24], y[:24]
+    tap = PerExampleTap(net, conv_sample=0.25)
+    ref = per_example(net, loss, x, y, tap)
+    net.zero_grad()
+    tap.attach()
+    loss(call(net, x), y).backward()
+    tap.detach()
+    names, q, m, n = tap.collect()
+    assert n == 24 and m.tolist() == [24.0] * 4
+    for name in names:
+        norms = ref[name].square().sum(1)
+        want = norms[:6].sum() * 4 if name.startswith("conv") else norms.sum()
+        assert q[names.index(name)].item() == pytest.approx(want.item(), rel=1e-9), name
+
+
+def test_a_conv_sample_keeps_the_estimate_unbiased():
+    """Over R=300 batches of 16 drawn with replacement from 96 examples, tr(Σ) of each conv layer from 4 rows of
+    each batch must average to the population's within 4 standard errors; 4 standard errors are under a third
+    of the truth, so that a missing or doubled scale fails."""
+    net, loss, x, y = make("cnn")
+    tap = PerExampleTap(net, conv_sample=0.25)
+    ref = per_example(net, loss, x, y, tap)
+    g = torch.Generator().manual_seed(2)
+    draws = [measure(net, loss, x[idx], y[idx], tap) for idx in
+             (torch.randint(0, x.shape[0], (16,), generator=g) for _ in range(300))]
+    for name in ("conv1", "conv2", "conv3"):
+        j = draws[0][0].index(name)
+        grads = ref[name]
+        truth = (grads - grads.mean(0)).square().sum(1).mean()
+        est = torch.stack([d[1][j] for d in draws])
+        se = est.std() / math.sqrt(len(est))
+        assert 4 * se < truth / 3, name
+        assert abs(est.mean() - truth) < 4 * se, (name, est.mean().item(), truth.item())
+
+
 def test_the_two_batch_estimate_is_unbiased_for_recurrent_layers():
     """Embedding and GRU: halves of each batch (one extra backward). Over R=240 batches of 16 drawn with
     replacement from a population of 96 examples, the mean estimate must lie within 4 standard errors
@@ -199,10 +238,12 @@ def fit(kind, callbacks, steps=6, batch_size=16, accumulate=1, dropout=0.3):
     return module, (net, loss, x, y)
 
 
-@pytest.mark.parametrize("kind", ["rnn", "cnn"])
-def test_training_takes_exactly_the_update_it_would_without_the_instrument(kind):
+@pytest.mark.parametrize("kind,dense", [("rnn", "auto"), ("cnn", "auto"), ("rnn", "full"), ("cnn", "full")])
+def test_training_takes_exactly_the_update_it_would_without_the_instrument(kind, dense):
+    """Every step measured: with the dense-logging economies (auto) and without them (all rows, every estimate)."""
     off, _ = fit(kind, [])
-    monitor = GradNoiseMonitor(log_every_n_steps=1)
+    full = {"conv_sample": 1.0, "estimate_every": 1} if dense == "full" else {}
+    monitor = GradNoiseMonitor(log_every_n_steps=1, **full)
     on, _ = fit(kind, [monitor])
     assert monitor.last  # it did measure, on every step
     for (name, a), b in zip(off.state_dict().items(), on.state_dict().values()):
@@ -227,6 +268,34 @@ def test_logged_values_under_gradient_accumulation_equal_the_brute_force():
     q = g[:8].sum(0).square().sum() / 8 + g[8:].sum(0).square().sum() / 8
     assert monitor.last["grad_noise/trace_cov/rnn"] == pytest.approx((q - 16 * g.mean(0).square().sum()).item(),
                                                                       rel=1e-6)
+
+
+def test_dense_logging_takes_the_two_batch_estimate_every_4th_reading(monkeypatch):
+    """log_every_n_steps=1: 8 readings, 2 extra backwards (readings 0 and 4). The GRU and embedding are logged at
+    those readings only; in between their last values stand in, so the totals still add up all layers."""
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen.append(dict(monitor.last))
+
+    seen = []
+    monitor = GradNoiseMonitor(log_every_n_steps=1, smoothing=0.0)
+    fit("rnn", [monitor, Record()], steps=8)
+    assert len(calls) == 2 and monitor.estimate_every == 4
+    for step, metrics in enumerate(seen):
+        assert "grad_noise/trace_cov/head" in metrics
+        assert ("grad_noise/trace_cov/rnn" in metrics) == (step % 4 == 0), step
+        last = seen[step - step % 4]  # the reading whose estimate stands in
+        total = metrics["grad_noise/trace_cov/head"] + sum(last[f"grad_noise/trace_cov/{k}"]
+                                                           for k in ("rnn", "embedding"))
+        assert metrics["grad_noise/trace_cov/total"] == pytest.approx(total, rel=1e-12), step
+    # and resumed from a checkpoint, the cadence and the stand-ins carry on
+    again = GradNoiseMonitor(log_every_n_steps=1, smoothing=0.0)
+    again.load_state_dict(monitor.state_dict())
+    assert again._readings == 8 and again._held == monitor._held
 
 
 def test_reading_says_what_a_larger_batch_buys():

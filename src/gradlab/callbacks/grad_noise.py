@@ -105,25 +105,42 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.element_size() >= 4 else x.float()  # squares of 16-bit values lose too much
 
 
+def sq_norm(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """Σ x² over `dim` (all of x: as float64), without a squared copy of x.
+
+    A large copy is not free: a fresh multi-megabyte tensor costs a page fault per 4 KiB, and `g.double().square()
+    .sum()` on a 784x256 gradient took 15x longer than this on the development CPU."""
+    if dim is None:
+        if x.dtype in (torch.float32, torch.float64) and x.is_contiguous():
+            # A dot product: float32 accumulates to ~1e-6 relative on 10^6 elements, far below any sampling noise,
+            # and dispatches 3x faster than a norm (the MLP's logging step pays it once per parameter).
+            flat = x.view(-1)
+            return torch.dot(flat, flat).double()
+        return torch.linalg.vector_norm(x, dtype=torch.float64).square()
+    if x.numel() < 65536:  # small: the plain square and sum, whose two kernels dispatch faster than a norm's
+        return _wide(x).square().sum(dim)
+    return torch.linalg.vector_norm(x, dim=dim, dtype=None if x.element_size() >= 4 else torch.float32).square()
+
+
 def _outer_sq(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """‖Σ_p d_p u_pᵀ‖² per example, u (B, P, I), d (B, P, O): by materializing or by the Gram form, the cheaper."""
     _, p, i = u.shape
     o = d.shape[-1]
     if p * (i + o) < i * o:
         return (u @ u.transpose(1, 2) * (d @ d.transpose(1, 2))).sum((1, 2))  # (B, P, P) twice: B·P²·(I+O)
-    return (d.transpose(1, 2) @ u).square().sum((1, 2))  # (B, O, I): B·P·I·O
+    return sq_norm(d.transpose(1, 2) @ u, (1, 2))  # (B, O, I): B·P·I·O
 
 
 def linear_sq(a: torch.Tensor, d: torch.Tensor, bias: bool) -> torch.Tensor:
     """Σ over the layer's parameters of ‖gᵢ‖² per example, for y = a·Wᵀ + b with a (B, [T,] in), δ (B, [T,] out)."""
     a, d = _wide(a), _wide(d)
     if a.dim() == 2:
-        dd = d.square().sum(1)                       # ‖δᵢ‖²: (B,)
-        sq = a.square().sum(1) * dd                  # ‖δᵢaᵢᵀ‖² = ‖aᵢ‖²·‖δᵢ‖²
-        return sq + dd if bias else sq
+        aa = sq_norm(a, 1)                           # ‖aᵢ‖²: (B,)
+        # ‖δᵢaᵢᵀ‖² = ‖aᵢ‖²·‖δᵢ‖², and the bias's ‖δᵢ‖² beside it: (‖aᵢ‖² + 1)·‖δᵢ‖²
+        return (aa + 1 if bias else aa) * sq_norm(d, 1)
     a, d = a.flatten(1, -2), d.flatten(1, -2)        # (B, T, in), (B, T, out)
     sq = _outer_sq(a, d)
-    return sq + d.sum(1).square().sum(1) if bias else sq
+    return sq + sq_norm(d.sum(1), 1) if bias else sq
 
 
 def conv2d_sq(conv: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -133,7 +150,7 @@ def conv2d_sq(conv: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor
     b, o, ho, wo = d.shape
     c = a.shape[1]
     p = ho * wo
-    bias = d.sum((2, 3)).square().sum(1) if conv.bias is not None else 0  # ‖Σ_p δ_p‖²
+    bias = sq_norm(d.sum((2, 3)), 1) if conv.bias is not None else 0  # ‖Σ_p δ_p‖²
     if p * (c * kh * kw + o) < c * kh * kw * o:  # few output positions: the Gram form
         u = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)  # (B, P, C·kh·kw)
         return _outer_sq(u, d.flatten(2).transpose(1, 2)) + bias
@@ -145,10 +162,11 @@ def conv2d_sq(conv: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor
     windows = [x[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
                for i in range(kh) for j in range(kw)]                                         # (B, H', W', C) each
     if c >= 16:
-        sq = sum(torch.bmm(dt, w.reshape(b, p, c)).square().sum((1, 2)) for w in windows)
+        block = dt.new_empty(b, o, c)  # reused: one allocation, not one per tap
+        sq = sum(sq_norm(torch.bmm(dt, w.reshape(b, p, c), out=block), (1, 2)) for w in windows)
     else:
         u = torch.stack(windows, dim=3).reshape(b, p, kh * kw * c)                            # (B, P, taps·C)
-        sq = torch.bmm(dt, u).square().sum((1, 2))
+        sq = sq_norm(torch.bmm(dt, u), (1, 2))
     return sq + bias
 
 
@@ -181,32 +199,42 @@ class PerExampleTap:
     `model(...)`'s output must be (B, ...) rows of independent examples and the loss a mean over them (times
     1/scale). A layer is a module with parameters of its own. `grouped=True` makes each micro-batch one group
     (the caller knows there are at least two); otherwise non-exact layers get two groups per micro-batch.
+
+    `conv_sample` < 1: conv layers' per-example norms from the first ⌈conv_sample·B⌉ rows of each micro-batch
+    only, their sum scaled by B/rows. The rows of a shuffled batch are a random sample of it, so q keeps its
+    expectation and the estimators stay unbiased, with more variance; the cost of the norms falls in proportion.
     """
 
-    def __init__(self, model: nn.Module, strip_prefix: str = ""):
+    def __init__(self, model: nn.Module, strip_prefix: str = "", conv_sample: float = 1.0):
+        if not 0 < conv_sample <= 1:
+            raise ValueError(f"conv_sample must be in (0, 1], not {conv_sample!r}")
         self.model = model
+        self.conv_sample = conv_sample
         self.layers: list[tuple[str, nn.Module, list[nn.Parameter]]] = []
         for name, module in model.named_modules():
             params = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if params:
                 tag = name[len(strip_prefix):] if strip_prefix and name.startswith(strip_prefix) else name
                 self.layers.append((tag or "model", module, params))
+        self._norms = [(name, m) for name, m in model.named_modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.batch_norm: list[str] = []  # batch-norm layers in training mode, seen in the last backward
         self._handles: list[Any] = []
         self.estimated: set[int] = set()  # layers measured by groups in the last micro-batch
 
     # -- attach / detach
-    def attach(self, scale: float = 1.0, grouped: bool = False) -> None:
+    def attach(self, scale: float = 1.0, grouped: bool = False, estimate: bool = True) -> None:
+        """`estimate=False`: this step measures the exact layers only (no extra backward); unless `grouped`,
+        where the groups cost nothing, the other layers then collect nothing."""
         if self._handles:
             return
-        self.scale, self.grouped = scale, grouped
+        self.scale, self.grouped, self.estimate = scale, grouped, estimate or grouped
         self.q = [None] * len(self.layers)           # Σ_j ‖s_j‖²/n_j per layer, a tensor on the device
         self.m = [0] * len(self.layers)              # groups per layer
         self.n = 0                                   # examples in the step
-        for i, (_, module, params) in enumerate(self.layers):
+        self._param_hooked: set[int] = set()       # layers whose parameters have a hook (estimated ones only)
+        for i, (_, module, _) in enumerate(self.layers):
             self._handles.append(module.register_forward_hook(self._on_layer_forward(i)))
-            for p in params:
-                self._handles.append(p.register_hook(self._on_param_grad(i, p)))
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
         self._handles.append(self.model.register_forward_hook(self._on_model_end))
 
@@ -245,7 +273,7 @@ class PerExampleTap:
         if not (torch.is_tensor(out) and out.requires_grad and out.dim() > 0):
             return
         rows = self._rows = out.shape[0]
-        self.batch_norm = mixes_samples(self.model)
+        self.batch_norm = [name for name, m in self._norms if m.training]  # as mixes_samples(model), cheaper
         self.estimated = set()
         for i, (_, layer, _) in enumerate(self.layers):
             calls = self._inputs.get(i, [])
@@ -253,6 +281,9 @@ class PerExampleTap:
                      and torch.is_tensor(calls[0]) and calls[0].shape[0] == rows)
             if not exact:
                 self.estimated.add(i)
+                if self.estimate and i not in self._param_hooked:  # before the backward, once per step
+                    self._param_hooked.add(i)
+                    self._handles += [p.register_hook(self._on_param_grad(i, p)) for p in self.layers[i][2]]
         out.register_hook(self._on_output_grad(out))
 
     def _on_output_grad(self, out: torch.Tensor):
@@ -262,7 +293,7 @@ class PerExampleTap:
                 return
             rows = self._rows
             self.n += rows
-            if self.grouped or not self.estimated or rows < 2:
+            if self.grouped or not self.estimate or not self.estimated or rows < 2:
                 return
             params = [p for i in sorted(self.estimated) for p in self.layers[i][2]]
             mask = torch.zeros(rows, *([1] * (grad.dim() - 1)), dtype=grad.dtype, device=grad.device)
@@ -287,12 +318,13 @@ class PerExampleTap:
             if self._in_split or i in self.estimated:
                 return
             a = self._inputs[i][call - 1]
+            rows, f = self._rows, self.scale * self._rows  # δ carries 1/(k·n) of the mean loss: back to gᵢ itself
             if exact_kind(module) == "linear":
-                sq = linear_sq(a, d, module.bias is not None)
+                total = linear_sq(a, d, module.bias is not None).sum()
             else:
-                sq = conv2d_sq(module, a, d)
-            f = self.scale * self._rows  # δ carries 1/(k·n) of the mean loss: back to example i's own gradient
-            self._add(i, sq.sum() * f * f, self._rows)
+                k = math.ceil(self.conv_sample * rows)
+                total = conv2d_sq(module, a[:k], d[:k]).sum() * (rows / k)  # k = rows: all of them, exact
+            self._add(i, total * f * f, rows)
         return hook
 
     def _on_param_grad(self, i: int, p: nn.Parameter):
@@ -304,14 +336,18 @@ class PerExampleTap:
             if g.is_sparse:
                 g = g.coalesce().to_dense()
             rows, f = self._rows, self.scale * self._rows
-            s = _wide(g) * f  # the sum of the micro-batch's per-example gradients
+            # f·g is the sum of the micro-batch's per-example gradients; ‖f·g‖² = f²‖g‖², with no scaled copy
             if self.grouped or rows < 2:
-                self._add_param(i, p, s.square().sum() / rows, 1)
+                self._add_param(i, p, sq_norm(g) * (f * f / rows), 1)
                 return
             half = self._split.get(p)
-            s_a = _wide(half) * f if half is not None else torch.zeros_like(s)
             n_a = rows // 2
-            self._add_param(i, p, s_a.square().sum() / n_a + (s - s_a).square().sum() / (rows - n_a), 2)
+            if half is None:  # no gradient from the first half's rows: all of it came from the second
+                self._add_param(i, p, sq_norm(g) * (f * f / (rows - n_a)), 2)
+                return
+            if half.is_sparse:
+                half = half.coalesce().to_dense()
+            self._add_param(i, p, sq_norm(half) * (f * f / n_a) + sq_norm(g - half) * (f * f / (rows - n_a)), 2)
         return hook
 
     def _add_param(self, i: int, p: nn.Parameter, value: torch.Tensor, groups: int) -> None:
@@ -327,15 +363,39 @@ class GradNoiseMonitor(Callback):
     """Logs grad_noise/{trace_cov,signal,b_simple,snr}/<layer> and /total every `log_every_n_steps` optimizer steps.
 
     log_every_n_steps: 0 switches the instrument off (no hook is ever attached).
+    conv_sample: the fraction of each batch whose per-example norms conv layers compute (the first rows, see
+        PerExampleTap); `auto`: all rows when logging every 16 steps or more sparsely, where a reading must stand
+        on its own, else a quarter: the norms of the CNN's conv2 cost about two of its weight gradients, and
+        dense readings are averaged anyway (`smoothing`), so per-reading precision buys little.
+    estimate_every: layers without exact per-example norms (the two-batch estimate, one extra backward of half
+        the batch) are measured at every this-many-th reading; in between, their last values stand in for them
+        in the totals and the moving averages, and their own tags are not logged. `auto`: every reading when
+        logging every 16 steps or more sparsely, else every 4th (for the GRU, the extra backward is ~60% of a
+        step). Micro-batches or several ranks make the estimate free: then it is taken at every reading.
     smoothing: B_simple is the ratio of exponential moving averages of tr(Σ) and ‖G‖² over logging steps, as
         McCandlish et al. recommend (a ratio of single-step estimates is very noisy); 0 uses each step alone.
     strip_prefix: removed from module names in tags (`net.conv1` -> `conv1`).
     """
 
-    def __init__(self, log_every_n_steps: int = 64, smoothing: float = 0.9, strip_prefix: str = "net."):
+    def __init__(self, log_every_n_steps: int = 64, smoothing: float = 0.9, strip_prefix: str = "net.",
+                 conv_sample: Any = "auto", estimate_every: Any = "auto"):
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
             raise UserError(f"callbacks.grad_noise.log_every_n_steps must be an integer >= 0 (0: off), "
                             f"not {log_every_n_steps!r}.")
+        if conv_sample == "auto":
+            conv_sample = 1.0 if log_every_n_steps >= 16 else 0.25
+        if isinstance(conv_sample, bool) or not isinstance(conv_sample, (int, float)) or not 0 < conv_sample <= 1:
+            raise UserError(f"callbacks.grad_noise.conv_sample must be auto or a fraction in (0, 1], "
+                            f"not {conv_sample!r}.")
+        self.conv_sample = float(conv_sample)
+        if estimate_every == "auto":
+            estimate_every = 1 if log_every_n_steps >= 16 else 4
+        if isinstance(estimate_every, bool) or not isinstance(estimate_every, int) or estimate_every < 1:
+            raise UserError(f"callbacks.grad_noise.estimate_every must be auto or an integer >= 1, "
+                            f"not {estimate_every!r}.")
+        self.estimate_every = estimate_every
+        self._readings = 0                            # readings taken (the estimate's cadence)
+        self._held: dict[str, list[float]] = {}      # layer -> its last [tr Σ, ‖G‖², ‖g‖²], between estimates
         if not 0 <= smoothing < 1:
             raise UserError(f"callbacks.grad_noise.smoothing must be in [0, 1), not {smoothing!r}.")
         self.log_every_n_steps = log_every_n_steps
@@ -350,7 +410,7 @@ class GradNoiseMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.log_every_n_steps == 0:
             return
-        self.tap = PerExampleTap(pl_module, self.strip_prefix)
+        self.tap = PerExampleTap(pl_module, self.strip_prefix, self.conv_sample)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         if self.tap is None or trainer.global_step % self.log_every_n_steps != 0:
@@ -359,7 +419,9 @@ class GradNoiseMonitor(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = k / (scaler.get_scale() if scaler is not None else 1.0)
         # Several micro-batches or ranks per step: each one a group, for free; otherwise halves of the batch.
-        self.tap.attach(scale=scale, grouped=k * trainer.world_size >= 2)
+        self.tap.attach(scale=scale, grouped=k * trainer.world_size >= 2,
+                        estimate=self._readings % self.estimate_every == 0)
+        self._readings += 1
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         tap = self.tap
@@ -371,16 +433,30 @@ class GradNoiseMonitor(Callback):
             return
         index = {name: i for i, (name, _, _) in enumerate(tap.layers)}
         grads = [[p.grad for p in tap.layers[index[name]][2] if p.grad is not None] for name in names]
-        sq = torch.stack([sum(_dense(g).double().square().sum() for g in gs) for gs in grads])  # ‖g‖² per layer
+        sq = torch.stack([sum(sq_norm(_dense(g)) for g in gs) for gs in grads])  # ‖g‖² per layer, float64
         if trainer.world_size > 1:  # sums over ranks; ‖g‖² is of the all-reduced gradient, the same on every rank
             packed = trainer.strategy.reduce(torch.cat([q, m, q.new_tensor([float(n)])]).double(), reduce_op="sum")
             q, m, n = packed[: len(q)], packed[len(q): 2 * len(q)], int(packed[-1].item())
-        self._log(trainer, tap, names, q, m, n, sq)
+        estimated = [j for j, t in enumerate(names) if index[t] in tap.estimated] if tap.estimate else []
+        self._log(trainer, tap, names, q, m, n, sq, estimated)
 
-    def _log(self, trainer, tap, names, q, m, n, sq) -> None:
+    def _log(self, trainer, tap, names, q, m, n, sq, estimated) -> None:
         trace, signal = noise_estimates(q.double(), m.double(), n, sq.double())
-        trace_t, signal_t, sq_t = trace.sum(), signal.sum(), sq.double().sum()
-        snr = norm_test(trace, sq.double(), n)
+        measured, sq = list(names), sq.double()
+        if estimated:  # keep the two-batch layers' (tr Σ, ‖G‖², ‖g‖²) for the readings without the estimate
+            self._held = {names[j]: v for j, v in zip(estimated, torch.stack([trace, signal, sq], 1)[estimated]
+                                                          .tolist())}
+        elif self._held and not tap.estimate:  # their last values stand in, in the totals and the averages
+            held = [t for t in self._held if t not in names]
+            if held:  # in the layers' own order, which the moving averages are kept in
+                extra = torch.tensor([self._held[t] for t in held], dtype=torch.float64, device=trace.device)
+                trace, signal, sq = (torch.cat([v, extra[:, j]]) for j, v in enumerate((trace, signal, sq)))
+                position = {name: i for i, (name, _, _) in enumerate(tap.layers)}
+                order = sorted(range(len(names) + len(held)), key=lambda j: position[(names + held)[j]])
+                names = [(names + held)[j] for j in order]
+                trace, signal, sq = trace[order], signal[order], sq[order]
+        trace_t, signal_t, sq_t = trace.sum(), signal.sum(), sq.sum()
+        snr = norm_test(trace, sq, n)
         snr_t = norm_test(trace_t, sq_t, n)
         tr_all, sig_all = torch.cat([trace, trace_t[None]]), torch.cat([signal, signal_t[None]])
         b = self._smoothed(tr_all, sig_all)
@@ -391,6 +467,10 @@ class GradNoiseMonitor(Callback):
         for j, kind in enumerate(("trace_cov", "signal", "b_simple")):
             metrics.update({f"{PREFIX}{kind}/{t}": v for t, v in zip(tags, values[j * L:(j + 1) * L])})
         metrics.update({f"{PREFIX}snr/{t}": v for t, v in zip(tags, values[3 * L:])})
+        for t in names:  # a held-over layer: in the totals, not logged as if measured now
+            if t not in measured:
+                for kind in ("trace_cov", "signal", "b_simple", "snr"):
+                    metrics.pop(f"{PREFIX}{kind}/{t}")
         metrics[PREFIX + "batch_size"] = float(n)
         self.last = metrics
         if trainer.is_global_zero:
@@ -414,10 +494,16 @@ class GradNoiseMonitor(Callback):
         exact = [t for t in names if t not in est]
         lines = []
         if exact:
-            lines.append(f"exact per-example gradient norms for {', '.join(exact)}")
+            index = {name: layer for name, layer, _ in tap.layers}
+            sampled = [t for t in exact if exact_kind(index[t]) == "conv"] if tap.conv_sample < 1 else []
+            lines.append(f"exact per-example gradient norms for {', '.join(exact)}"
+                         + (f" ({', '.join(sampled)}: from the first {tap.conv_sample:.0%} of each batch's rows, "
+                            "conv_sample)" if sampled else ""))
         if est:
+            every = "reading" if self.estimate_every == 1 else f"{self.estimate_every}th reading (estimate_every)"
             how = ("each micro-batch of each rank a group" if tap.grouped
-                   else "two halves of each batch, one extra backward per logging step")
+                   else f"two halves of each batch, one extra backward every {every}; free with "
+                        "trainer.accumulate_grad_batches >= 2 or several ranks")
             lines.append(f"two-batch estimate for {', '.join(est)} ({how})")
         note = ""
         if tap.batch_norm:
@@ -429,11 +515,14 @@ class GradNoiseMonitor(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # The moving averages ride in checkpoints, so a resumed run logs the B_simple an uninterrupted one would.
-        return {"ema": {k: v.tolist() for k, v in self._ema.items()}, "last": dict(self.last)}
+        return {"ema": {k: v.tolist() for k, v in self._ema.items()}, "last": dict(self.last),
+                "readings": self._readings, "held": dict(self._held)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._ema = {k: torch.tensor(v, dtype=torch.float64) for k, v in state_dict.get("ema", {}).items()}
         self.last = dict(state_dict.get("last", {}))
+        self._readings = int(state_dict.get("readings", 0))
+        self._held = {k: list(v) for k, v in state_dict.get("held", {}).items()}
 
     def final_metrics(self) -> dict[str, Any]:
         """For metrics.json and the results table: the last B_simple, the batch it was measured at, a reading."""
