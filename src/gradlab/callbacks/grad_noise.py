@@ -180,13 +180,18 @@ def exact_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-def mixes_samples(model: nn.Module) -> list[str]:
-    """Names of batch-norm layers in training mode: each example's output depends on its whole batch."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-
-
 # ---- the hook ------------------------------------------------------------------------------------------------
+def _without_graph(fn):
+    """A tensor hook that records no graph. The backward runs hooks so already, unless create_graph=True; checking
+    costs less than entering torch.no_grad() on every call (the hooks run once per layer and micro-batch)."""
+    def hook(x: torch.Tensor):
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return fn(x)
+        return fn(x)
+    return hook
+
+
 class PerExampleTap:
     """Per-layer sums of squared group gradients over one optimizer step, from hooks attached for that step.
 
@@ -216,6 +221,7 @@ class PerExampleTap:
             if params:
                 tag = name[len(strip_prefix):] if strip_prefix and name.startswith(strip_prefix) else name
                 self.layers.append((tag or "model", module, params))
+        self._kinds = [exact_kind(module) for _, module, _ in self.layers]
         self._norms = [(name, m) for name, m in model.named_modules()
                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.batch_norm: list[str] = []  # batch-norm layers in training mode, seen in the last backward
@@ -263,7 +269,7 @@ class PerExampleTap:
     def _on_layer_forward(self, i: int):
         def hook(module, args, out):
             self._inputs.setdefault(i, []).append(args[0] if args else None)
-            if exact_kind(module) and torch.is_tensor(out) and out.requires_grad:
+            if self._kinds[i] and torch.is_tensor(out) and out.requires_grad:
                 out.register_hook(self._on_layer_grad(i, module, len(self._inputs[i])))
         return hook
 
@@ -273,11 +279,11 @@ class PerExampleTap:
         if not (torch.is_tensor(out) and out.requires_grad and out.dim() > 0):
             return
         rows = self._rows = out.shape[0]
-        self.batch_norm = [name for name, m in self._norms if m.training]  # as mixes_samples(model), cheaper
+        self.batch_norm = [name for name, m in self._norms if m.training]  # they mix the batch's examples
         self.estimated = set()
-        for i, (_, layer, _) in enumerate(self.layers):
+        for i in range(len(self.layers)):
             calls = self._inputs.get(i, [])
-            exact = (not self.batch_norm and len(calls) == 1 and exact_kind(layer) is not None
+            exact = (not self.batch_norm and len(calls) == 1 and self._kinds[i] is not None
                      and torch.is_tensor(calls[0]) and calls[0].shape[0] == rows)
             if not exact:
                 self.estimated.add(i)
@@ -313,13 +319,13 @@ class PerExampleTap:
         self.m[i] += groups
 
     def _on_layer_grad(self, i: int, module: nn.Module, call: int):
-        @torch.no_grad()
+        @_without_graph
         def hook(d: torch.Tensor) -> None:
             if self._in_split or i in self.estimated:
                 return
             a = self._inputs[i][call - 1]
             rows, f = self._rows, self.scale * self._rows  # δ carries 1/(k·n) of the mean loss: back to gᵢ itself
-            if exact_kind(module) == "linear":
+            if self._kinds[i] == "linear":
                 total = linear_sq(a, d, module.bias is not None).sum()
             else:
                 k = math.ceil(self.conv_sample * rows)
@@ -328,7 +334,7 @@ class PerExampleTap:
         return hook
 
     def _on_param_grad(self, i: int, p: nn.Parameter):
-        @torch.no_grad()
+        @_without_graph
         def hook(g: torch.Tensor) -> None:
             # This micro-batch's own gradient of p on this rank, before accumulation into .grad and before DDP.
             if self._in_split or i not in self.estimated:
