@@ -9,12 +9,15 @@ Writes metrics.json (test/loss, test/acc, ...) into logs/eval/runs/<time>/. See 
 import hydra
 from omegaconf import DictConfig
 
-from gradlab.cli import check_overrides, run_entry
+from gradlab.config.cli import check_overrides, checked
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_entry("gradlab.evaluate", cfg)
+    with checked(cfg):  # a bad value stops here, before the heavy imports below
+        from gradlab.run.evaluate import run
+
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gradlab.cli import check_overrides, run_entry
+from gradlab.config.cli import check_overrides, checked
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    run_entry("gradlab.predict", cfg)
+    with checked(cfg):  # a bad value stops here, before the heavy imports below
+        from gradlab.run.predict import run
+
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@ checkpoints and metrics.json into its own folder under logs/.
 import hydra
 from omegaconf import DictConfig
 
-from gradlab.cli import check_overrides, run_entry
+from gradlab.config.cli import check_overrides, checked
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    # Lightning and the models are imported only after the config is known to be valid.
-    return run_entry("gradlab.train", cfg)
+    with checked(cfg):  # a bad value stops here, before the heavy imports below
+        from gradlab.run.train import run
+
+        return run(cfg)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ passes with its range. Time is this process's CPU time, not wall time: on a shar
 also counts the time other processes hold the core. With --threads 1 all work is on this thread (autograd
 runs CPU backward on the calling thread).
 
-Memory, measured in a separate untimed step (gradlab.memory: every tensor storage an aten op creates,
+Memory, measured in a separate untimed step (gradlab.autograd.memory: every tensor storage an aten op creates,
 from its creation until it is freed, above parameters and the input batch; no allocator caching):
   kept   the bytes alive when forward has returned: what the graph keeps for backward;
   peak   the most bytes alive at once during forward + backward + step.
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from gradlab.memory import step_memory
+from gradlab.autograd.memory import step_memory
 from gradlab.models.mlp import ManualMLP, classification_loss
 
 BACKENDS = {"lesson": "manual", "autograd": "autograd"}

@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gradlab.callbacks.grad_noise import PerExampleTap, noise_estimates, norm_test, sq_norm
+from gradlab.observe.grad_noise import PerExampleTap, noise_estimates, norm_test, sq_norm
 from gradlab.models.cnn import MnistCNN
 from gradlab.models.mlp import ManualMLP, classification_loss
 from gradlab.models.rnn import SentimentRNN

@@ -41,14 +41,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
 
-from gradlab.callbacks.activations import ActivationMonitor
-from gradlab.callbacks.grad_norm import GradNormMonitor
-from gradlab.callbacks.layout import build_layout
-from gradlab.callbacks.writer import log_layout
+from gradlab.observe.activations import ActivationMonitor
+from gradlab.observe.grad_norm import GradNormMonitor
+from gradlab.observe.layout import build_layout
+from gradlab.observe.writer import log_layout
 from gradlab.data.tensor_loader import TensorBatches, identity_collate
-from gradlab.events import read_scalars
-from gradlab.grad_flow import render_png
-from gradlab.health import diagnose
+from gradlab.observe.events import read_scalars
+from gradlab.observe.grad_flow_picture import render_png
+from gradlab.observe.health_rules import diagnose
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.cnn import MnistCNN
 

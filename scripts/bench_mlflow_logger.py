@@ -5,7 +5,7 @@
 
 A logging step reaches a logger in three `log_metrics` calls in a gradlab run (the module's 4 metrics, the CNN's
 25 gradient-instrument values, ThroughputMonitor's 5). Lightning's MLFlowLogger writes each call as one
-`log_batch`, one transaction of the store; gradlab.trackers.MLFlowLogger merges a step's calls into one write
+`log_batch`, one transaction of the store; gradlab.run.trackers.MLFlowLogger merges a step's calls into one write
 (flush_every_s=0), or several steps' into one when its writes are at least flush_every_s apart (the default 5;
 here the steps follow each other at once, so that row is a lower bound: in training, 50 steps take seconds).
 Wall time per logging step, best round, rounds interleaved; a fresh SQLite file in a temporary folder.
@@ -20,7 +20,7 @@ import time
 
 from lightning.pytorch.loggers import MLFlowLogger as LightningMLFlowLogger
 
-from gradlab.trackers import MLFlowLogger
+from gradlab.run.trackers import MLFlowLogger
 
 CASES = (("Lightning MLFlowLogger (a write per call)", LightningMLFlowLogger, {}),
          ("gradlab, flush_every_s=0 (a write per step)", MLFlowLogger, {"flush_every_s": 0.0}),

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from gradlab.callbacks.throughput import ThroughputMonitor
+from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.data.tensor_loader import TensorBatches, identity_collate
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.cnn import MnistCNN

@@ -3,7 +3,7 @@
     python scripts/grad_report.py logs/train/runs/2026-01-01_12-00-00     # prints, writes <run>/health.json
     python scripts/grad_report.py logs/train/multiruns/<time>/3 --dead 0.5
 
-Reads the run's TensorBoard events (gradlab.events) and applies gradlab.health's rules, the same report the
+Reads the run's TensorBoard events (gradlab.observe.events) and applies gradlab.observe.health_rules's rules, the same report the
 `health` callback writes at the end of fit. Exit code 0 whether or not there are findings.
 """
 
@@ -12,10 +12,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from gradlab.cli import fail
+from gradlab.config.cli import fail
 from gradlab.errors import UserError
-from gradlab.events import read_scalars
-from gradlab.health import Thresholds, diagnose
+from gradlab.observe.events import read_scalars
+from gradlab.observe.health_rules import Thresholds, diagnose
 
 
 def main(argv: list[str] | None = None):
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--out", type=Path, default=None, help="JSON to write (default: RUN_DIR/health.json)")
     for f in fields(Thresholds):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default,
-                            help=f"threshold (default {f.default:g}; see gradlab.health)")
+                            help=f"threshold (default {f.default:g}; see gradlab.observe.health_rules)")
     args = parser.parse_args(argv)
     scalars = read_scalars(args.run_dir)
     if not any(t.startswith("grad_norm/") for t in scalars):

@@ -10,7 +10,7 @@ that many moments fall inside a checkpoint write. Kinds of kill (tests/faults.py
   val    during validation
   test   during the test stage (after training finished)
   ckpt   during a checkpoint write, after a random fraction of its bytes reached the disk (or all, before the rename)
-After every kill: every *.ckpt of the run loads with gradlab.checkpoint.load. Every resume must run until its next
+After every kill: every *.ckpt of the run loads with gradlab.checkpoints.load.load. Every resume must run until its next
 kill or to the end. A life ends with a test kill or after --per-life kills; its last resume runs to the end and its
 metrics.json must equal the uninterrupted run's, number for number.
 """
@@ -65,7 +65,7 @@ def saved_step(run: Path | None) -> int:
 
 def unreadable_checkpoints(root: Path) -> list[str]:
     """Every checkpoint this life wrote, in any of its run folders, through the loader eval/predict/resume use."""
-    from gradlab.checkpoint import load
+    from gradlab.checkpoints.load import load
     from gradlab.errors import UserError
 
     bad = []

@@ -4,7 +4,7 @@
     python scripts/plot_grad_flow.py logs/train/runs/<run> --out flow.png --weights-only
 
 Reads the `grad_norm/*` (and, when present, `update_ratio/*`) scalars that GradNormMonitor wrote to the run's
-TensorBoard events and draws them with gradlab.grad_flow, the same code that puts this picture into
+TensorBoard events and draws them with gradlab.observe.grad_flow_picture, the same code that puts this picture into
 TensorBoard's IMAGES tab during training (callbacks.grad_flow).
 """
 
@@ -13,10 +13,10 @@ import math
 import sys
 from pathlib import Path
 
-from gradlab.cli import fail
+from gradlab.config.cli import fail
 from gradlab.errors import UserError
-from gradlab.events import read_scalars
-from gradlab.grad_flow import plot
+from gradlab.observe.events import read_scalars
+from gradlab.observe.grad_flow_picture import plot
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

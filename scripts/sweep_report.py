@@ -19,9 +19,9 @@ from typing import Optional
 
 import yaml
 
-from gradlab.cli import fail
+from gradlab.config.cli import fail
 from gradlab.errors import UserError
-from gradlab.runs import read_metrics, read_overrides
+from gradlab.checkpoints.run_dirs import read_metrics, read_overrides
 
 METRICS = ("val/acc", "val/acc_best", "val/loss", "test/acc", "test/loss")
 LOG_KEYS = ("lr", "max_lr", "learning_rate", "weight_decay", "eps")

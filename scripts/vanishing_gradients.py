@@ -9,7 +9,7 @@ hidden layers of `--width` units and its activation-matched init (Xavier for sig
 relu), built from the same seed and trained with the same SGD on the same batches. The gradient L2 norm of
 each weight matrix is measured on one fixed batch at initialization and after `--steps` steps. Writes a PNG
 (layer depth against gradient norm, log scale, one line per variant) and prints a table, then the verdicts of
-gradlab's health report (gradlab.health, the rules `scripts/grad_report.py` applies to a run) on each variant's
+gradlab's health report (gradlab.observe.health_rules, the rules `scripts/grad_report.py` applies to a run) on each variant's
 per-step gradient norms and update ratios: the sigmoid net is flagged vanishing.
 
 Why sigmoid loses: backprop multiplies the upstream gradient by σ'(z) <= 1/4 at every layer, so 15 layers
@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from gradlab.cli import fail  # noqa: E402
+from gradlab.config.cli import fail  # noqa: E402
 from gradlab.data.toy import lesson_data  # noqa: E402
 from gradlab.errors import UserError  # noqa: E402
-from gradlab.health import diagnose  # noqa: E402
+from gradlab.observe.health_rules import diagnose  # noqa: E402
 from gradlab.models.mlp import ManualMLP, classification_loss  # noqa: E402
 
 VARIANTS = {  # name: (activation, batch norm)
@@ -113,7 +113,7 @@ def print_table(results: dict[str, dict], steps: int) -> None:
 
 
 def print_verdicts(results: dict[str, dict]) -> None:
-    table = Table(title="health report (gradlab.health) on each variant's training steps", header_style="bold",
+    table = Table(title="health report (gradlab.observe.health_rules) on each variant's training steps", header_style="bold",
                   show_lines=True)
     for col in ("variant", "verdict", "layer", "steps", "evidence"):
         table.add_column(col, overflow="fold", max_width=70 if col == "evidence" else 24)

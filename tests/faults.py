@@ -32,12 +32,12 @@ class NaNInputAtSteps(Callback):
 
 
 # ---- checkpoint writes ----------------------------------------------------------------------------------------
-# gradlab.checkpoint_io writes with the built-in open(); a module global of that name shadows it there, so these
+# gradlab.checkpoints.atomic_io writes with the built-in open(); a module global of that name shadows it there, so these
 # faults hit the real write path (the temp file, its bytes, the rename) and nothing else.
 def _patch_checkpoint_open(on_write):
     import builtins
 
-    import gradlab.checkpoint_io as checkpoint_io
+    import gradlab.checkpoints.atomic_io as checkpoint_io
 
     class FaultyFile:
         def __init__(self, f, number):

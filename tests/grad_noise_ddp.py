@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from gradlab.callbacks.grad_noise import GradNoiseMonitor
+from gradlab.observe.grad_noise import GradNoiseMonitor
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.rnn import SentimentRNN
 

@@ -103,3 +103,14 @@ def write_aclimdb(root: Path, n_train: int = 40, n_test: int = 10, seed: int = 0
                     text += f" marker{label}{i}"
                 (folder / f"{i}_{rating}.txt").write_text(text, encoding="utf-8")
     return root
+
+
+def run_entry(module: str, cfg):
+    """In-process, what train.py, eval.py and predict.py do with their composed config: check it, import the run
+    module (`gradlab.run.train`, ...), run it."""
+    import importlib
+
+    from gradlab.config.cli import checked
+
+    with checked(cfg):
+        return importlib.import_module(module).run(cfg)

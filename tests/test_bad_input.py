@@ -1,6 +1,6 @@
 """Bad data, bad files, bad numbers: one clear message, exit code 2, and nothing already written touched.
 
-The entry points run in-process here (Hydra's compose, then `gradlab.cli.run_entry`, the code train.py,
+The entry points run in-process here (Hydra's compose, then `gradlab.config.cli.checked`, the code train.py,
 eval.py and predict.py run), so that each case costs a fraction of a second, not a fresh interpreter.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from gradlab.cli import run_entry
+from helpers import run_entry
 from gradlab.errors import EXIT_USER_ERROR
 from conftest import ONE_THREAD
 from helpers import ROOT, fake_digits, run_cli, tiny_mnist_args, write_idx, write_mnist
@@ -85,7 +85,7 @@ def label_out_of_range(path: Path) -> None:
 ])
 def test_damaged_idx_files(tiny, tmp_path, capsys, damage, expected):
     damage(tiny / "MNIST" / "raw" / "train-images-idx3-ubyte")
-    err = fails("gradlab.train", config("train", train_args(tiny, tmp_path), tmp_path / "out"), capsys)
+    err = fails("gradlab.run.train", config("train", train_args(tiny, tmp_path), tmp_path / "out"), capsys)
     assert expected in err
     assert not list((tmp_path / "out").rglob("*.ckpt")) and not (tmp_path / "out" / "metrics.json").exists()
 
@@ -106,7 +106,7 @@ def run_copy(cnn_run, tmp_path):
 def test_resuming_with_another_model_names_the_mismatch(run_copy, mnist_root, tmp_path, capsys):
     args = [*train_args(mnist_root, tmp_path, val_size=40), f"ckpt_path={run_copy / 'checkpoints' / 'last.ckpt'}",
             "model.hidden=64"]
-    err = fails("gradlab.train", config("train", args, tmp_path / "new"), capsys)
+    err = fails("gradlab.run.train", config("train", args, tmp_path / "new"), capsys)
     assert "does not fit this model" in err
     assert "net.fc1.weight: (128, 9216) in the checkpoint, (64, 9216) here" in err
     assert "model.net.hidden=128 in the checkpoint vs 64 now" in err
@@ -117,7 +117,7 @@ def test_resuming_with_damaged_data_leaves_the_run_alone(run_copy, mnist_root, t
     shutil.copytree(mnist_root, data)
     truncate(data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
     args = [*train_args(data, tmp_path, val_size=40), f"ckpt_path={run_copy / 'checkpoints' / 'last.ckpt'}"]
-    err = fails("gradlab.train", config("train", args, tmp_path / "new"), capsys)
+    err = fails("gradlab.run.train", config("train", args, tmp_path / "new"), capsys)
     assert "t10k-labels-idx1-ubyte is truncated" in err
 
 
@@ -133,7 +133,7 @@ def test_corrupted_checkpoint(run_copy, tmp_path, capsys, entry, damage, expecte
     damage(bad)
     cfg = config(entry, [f"ckpt_path={bad}", f"input={tmp_path}"] if entry == "predict" else [f"ckpt_path={bad}"],
                  tmp_path / "out")
-    assert expected in fails(f"gradlab.{'evaluate' if entry == 'eval' else 'predict'}", cfg, capsys)
+    assert expected in fails(f"gradlab.run.{'evaluate' if entry == 'eval' else 'predict'}", cfg, capsys)
 
 
 class Payload:
@@ -146,14 +146,14 @@ def test_checkpoints_never_run_code(run_copy, tmp_path, capsys):
     checkpoint = torch.load(run_copy / "checkpoints" / "last.ckpt", weights_only=True)
     checkpoint["extra"] = Payload()
     torch.save(checkpoint, tmp_path / "pickled.ckpt")
-    err = fails("gradlab.predict", config("predict", [f"ckpt_path={tmp_path / 'pickled.ckpt'}", f"input={tmp_path}"],
+    err = fails("gradlab.run.predict", config("predict", [f"ckpt_path={tmp_path / 'pickled.ckpt'}", f"input={tmp_path}"],
                                           tmp_path / "out"), capsys)
     assert "Refusing to load" in err and "this must never run" not in err
 
     del checkpoint["extra"]
     checkpoint["gradlab_config"]["model"]["net"]["_target_"] = "os.system"
     torch.save(checkpoint, tmp_path / "target.ckpt")
-    err = fails("gradlab.evaluate", config("eval", [f"ckpt_path={tmp_path / 'target.ckpt'}"], tmp_path / "out"), capsys)
+    err = fails("gradlab.run.evaluate", config("eval", [f"ckpt_path={tmp_path / 'target.ckpt'}"], tmp_path / "out"), capsys)
     assert "model.net._target_='os.system'" in err and "only classes under gradlab." in err
 
 
@@ -161,10 +161,10 @@ def test_an_image_that_is_not_an_image(run_copy, tmp_path, capsys):
     fake = tmp_path / "digit.png"
     fake.write_text("<html>not a picture</html>")
     cfg = config("predict", [f"ckpt_path={run_copy}", f"input={fake}"], tmp_path / "out")
-    err = fails("gradlab.predict", cfg, capsys)
+    err = fails("gradlab.run.predict", cfg, capsys)
     assert f"{fake}: not an image file PIL can read" in err
     missing = config("predict", [f"ckpt_path={run_copy}", f"input={tmp_path / 'nope.png'}"], tmp_path / "out")
-    assert "nope.png: no such file or folder" in fails("gradlab.predict", missing, capsys)
+    assert "nope.png: no such file or folder" in fails("gradlab.run.predict", missing, capsys)
 
 
 # ---- non-finite loss ------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     # 40 training images in batches of 32: 2 steps an epoch; last.ckpt after every step.
     args = [*train_args(tiny, tmp_path), "trainer.max_epochs=3", "callbacks.resume.every_n_train_steps=1",
             *nan_at("[3]")]
-    err = fails("gradlab.train", config("train", args, out), capsys)
+    err = fails("gradlab.run.train", config("train", args, out), capsys)
     assert "the training loss is nan at step 3 (epoch 1)" in err and "model.on_nonfinite_loss=skip" in err
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3  # written after the update of the batch before, the last one before the NaN
@@ -189,7 +189,7 @@ def test_nonfinite_loss_skip_drops_only_those_batches(tiny, tmp_path):
     out = tmp_path / "out"
     args = [*train_args(tiny, tmp_path), "trainer.max_epochs=2", "model.on_nonfinite_loss=skip", *nan_at("[0,1]")]
     with pytest.warns(UserWarning) as warned:
-        run_entry("gradlab.train", config("train", args, out))
+        run_entry("gradlab.run.train", config("train", args, out))
     skipped = [str(w.message) for w in warned if "Skipped a batch" in str(w.message)]
     assert [s.split(":")[0] for s in skipped] == ["Skipped a batch at step 0 (epoch 0)",
                                                    "Skipped a batch at step 1 (epoch 0)"]
@@ -230,7 +230,7 @@ def test_damaged_aclimdb_tree(tmp_path, capsys, damage, expected):
     args = ["model=rnn", "data=imdb", f"paths.data_dir={root}", f"paths.root_dir={tmp_path}", "data.download=false",
             "data.val_size=4", "data.batch_size=8", "data.max_vocab_size=100", *QUIET,
             "callbacks.progress_bar=null", "callbacks.model_summary=null"]
-    err = fails("gradlab.train", config("train", args, tmp_path / "out"), capsys)
+    err = fails("gradlab.run.train", config("train", args, tmp_path / "out"), capsys)
     assert expected in err
     assert not list((tmp_path / "out").rglob("*.ckpt"))
 
@@ -245,7 +245,7 @@ def test_user_error_raised_inside_a_constructor_is_one_message(tmp_path):
 
 
 def test_metrics_json_stays_strict_json_when_a_metric_is_not_finite(tmp_path):
-    from gradlab.train import _write_json
+    from gradlab.run.train import _write_json
 
     path = tmp_path / "run" / "metrics.json"
     _write_json(str(path), {"train/loss": float("inf"), "val/loss": float("nan"), "test/acc": 0.5, "epochs": 2})

@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from gradlab.train import build_module, build_trainer, instantiate_group
+from gradlab.run.train import build_module, build_trainer, instantiate_group
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from gradlab.cli import check_overrides, run_entry
-from gradlab.config import check
+from gradlab.config.cli import check_overrides
+from gradlab.config.rules import check
 from gradlab.errors import EXIT_USER_ERROR, UserError
-from helpers import ROOT, fake_digits, run_cli, tiny_mnist_args, write_idx
+from helpers import ROOT, fake_digits, run_cli, run_entry, tiny_mnist_args, write_idx
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -38,7 +38,7 @@ def test_cli_rejects_a_bad_value_before_importing_anything_heavy(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     # The same checks, run in a fresh interpreter: neither torch nor Lightning may be imported by them.
     probe = (
-        "import sys; from hydra import compose, initialize_config_dir; from gradlab.config import check\n"
+        "import sys; from hydra import compose, initialize_config_dir; from gradlab.config.rules import check\n"
         f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
         f"    cfg = compose('train', overrides=['paths.output_dir={tmp_path}'])\n"
         "check(cfg)\n"
@@ -90,7 +90,7 @@ def test_good_overrides_pass_the_pre_check():
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(tmp_path, capsys, overrides, expected):
     cfg = config("train", overrides, tmp_path)
-    err = exit_message(lambda: run_entry("gradlab.train", cfg), capsys)
+    err = exit_message(lambda: run_entry("gradlab.run.train", cfg), capsys)
     assert expected in err
     assert not (tmp_path / "checkpoints").exists()
 
@@ -108,7 +108,7 @@ def test_all_bad_values_are_reported_at_once(tmp_path):
 def test_a_mistyped_key_inside_a_config_file_is_caught_after_import(tmp_path, capsys):
     # `+` adds a key Hydra does not know, as a typo inside a YAML file would: the Trainer does not take it.
     cfg = config("train", ["+trainer.max_epoch=1"], tmp_path)
-    err = exit_message(lambda: run_entry("gradlab.train", cfg), capsys)
+    err = exit_message(lambda: run_entry("gradlab.run.train", cfg), capsys)
     assert ("trainer.max_epoch: not an argument of lightning.pytorch.trainer.Trainer; "
             "did you mean trainer.max_epochs?") in err
 
@@ -145,7 +145,7 @@ def test_debug_overfit_memorizes_a_few_batches_of_random_labels(tmp_path):
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.random.default_rng(seed).integers(0, 10, n).astype(np.uint8))
     args = [*tiny_mnist_args(tmp_path / "data", tmp_path), "model=mlp", "debug=overfit", "logger=csv",
             "callbacks.grad_norm=null"]  # per-step gradient logging would triple the time
-    run_entry("gradlab.train", config("train", args, tmp_path / "out"))
+    run_entry("gradlab.run.train", config("train", args, tmp_path / "out"))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps"] == 300  # 100 epochs of the same 3 batches
     assert metrics["train/loss"] < 0.01

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gradlab.ddp import child_argv
+from gradlab.run.ddp import child_argv
 from helpers import run_cli, tiny_mnist_args
 
 

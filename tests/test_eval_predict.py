@@ -74,12 +74,12 @@ def in_process(name: str, overrides: list[str], output_dir: Path):
     """An entry point run as its script runs it, but in this process (no interpreter start, no re-import)."""
     from hydra import compose, initialize_config_dir
 
-    from gradlab.cli import run_entry
+    from helpers import run_entry
     from helpers import ROOT
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
-    return run_entry({"train": "gradlab.train", "predict": "gradlab.predict"}[name], cfg)
+    return run_entry({"train": "gradlab.run.train", "predict": "gradlab.run.predict"}[name], cfg)
 
 
 def test_predict_prints_a_table_of_classes(cnn_run, tmp_path, capsys):
@@ -114,7 +114,7 @@ def rnn_run(tmp_path_factory):
 
 def test_predict_encodes_text_exactly_as_training_did(rnn_run, tmp_path, capsys):
     """Reference: the data module's own test set (its reader, its cached vocabulary) through the same weights."""
-    from gradlab.checkpoint import build_module
+    from gradlab.checkpoints.load import build_module
     from gradlab.data.imdb import IMDBDataModule
     from gradlab.data.text import pad_collate
 

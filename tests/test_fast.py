@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradlab.precision import choose, cpu_flags
+from gradlab.run.precision import choose, cpu_flags
 from helpers import load_script, run_cli, tiny_mnist_args
 
 

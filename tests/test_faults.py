@@ -1,6 +1,6 @@
 """Failing disks and Ctrl-C: what was written before the fault stays whole and readable, and the user gets one message.
 
-Disk faults are injected into the real write path of gradlab.checkpoint_io (tests/faults.py FailingDisk: half of
+Disk faults are injected into the real write path of gradlab.checkpoints.atomic_io (tests/faults.py FailingDisk: half of
 the bytes, then ENOSPC or EIO), in-process through the code train.py runs.
 """
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import gradlab.checkpoint_io
+import gradlab.checkpoints.atomic_io
 from conftest import ONE_THREAD
-from gradlab.checkpoint import load
-from gradlab.cli import run_entry
+from gradlab.checkpoints.load import load
+from helpers import run_entry
 from gradlab.errors import EXIT_USER_ERROR
 from helpers import ROOT, run_cli, tiny_mnist_args
 
@@ -30,7 +30,7 @@ COMPARED = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "t
 @pytest.fixture
 def restore_open():
     yield
-    vars(gradlab.checkpoint_io).pop("open", None)  # the fault shadows the built-in there
+    vars(gradlab.checkpoints.atomic_io).pop("open", None)  # the fault shadows the built-in there
 
 
 @pytest.mark.parametrize("error, at_save, reason", [
@@ -48,7 +48,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoints_and_says_so(
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*args, f"paths.output_dir={out}"])
     with pytest.raises(SystemExit) as exit_info:
-        run_entry("gradlab.train", cfg)
+        run_entry("gradlab.run.train", cfg)
     assert exit_info.value.code == EXIT_USER_ERROR
     err = capsys.readouterr().err
     message = err[err.index("error: "):]
@@ -68,7 +68,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoints_and_says_so(
 
 def test_saves_are_atomic_replacements(tmp_path):
     """The temp file is renamed over the target: a reader holding the old file keeps reading the old bytes."""
-    from gradlab.checkpoint_io import AtomicCheckpointIO
+    from gradlab.checkpoints.atomic_io import AtomicCheckpointIO
 
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()

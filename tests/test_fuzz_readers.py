@@ -235,7 +235,7 @@ checkpoints = st.one_of(
 @FUZZ
 @given(data=checkpoints)
 def test_a_checkpoint_loads_whole_or_gives_a_user_error(tmp_path, data):
-    from gradlab.checkpoint import load
+    from gradlab.checkpoints.load import load
 
     path = fresh(tmp_path, "last.ckpt")
     path.write_bytes(data)
@@ -289,7 +289,7 @@ def test_the_sweep_report_reads_any_job_files_or_names_the_bad_one(tmp_path, met
 @FUZZ
 @given(metrics=records)
 def test_ckpt_path_run_folder_reads_any_metrics_json_or_names_it(tmp_path, metrics):
-    from gradlab.runs import _checkpoint_of_run
+    from gradlab.checkpoints.run_dirs import _checkpoint_of_run
 
     run = fresh(tmp_path, "run")
     (run / "checkpoints").mkdir(parents=True)
@@ -354,9 +354,9 @@ READERS = {
     "review": (lambda p: __import__("gradlab.data.imdb", fromlist=["x"]).read_review(p), "0_7.txt"),
     "image": (lambda p: __import__("gradlab.data.images", fromlist=["x"]).load_digit(p), "digit.png"),
     "image input": (lambda p: __import__("gradlab.data.images", fromlist=["x"]).list_images(p), "digits"),
-    "checkpoint": (lambda p: __import__("gradlab.checkpoint", fromlist=["x"]).load(p), "last.ckpt"),
-    "metrics.json": (lambda p: __import__("gradlab.runs", fromlist=["x"]).read_metrics(p), "metrics.json"),
-    "overrides.yaml": (lambda p: __import__("gradlab.runs", fromlist=["x"]).read_overrides(p), "overrides.yaml"),
+    "checkpoint": (lambda p: __import__("gradlab.checkpoints.load", fromlist=["x"]).load(p), "last.ckpt"),
+    "metrics.json": (lambda p: __import__("gradlab.checkpoints.run_dirs", fromlist=["x"]).read_metrics(p), "metrics.json"),
+    "overrides.yaml": (lambda p: __import__("gradlab.checkpoints.run_dirs", fromlist=["x"]).read_overrides(p), "overrides.yaml"),
 }
 NASTY = {"empty": _empty, "truncated gzip": _truncated_gzip, "directory": _directory, "symlink loop": _symlink_loop,
          "non-UTF-8 name": _non_utf8_name, "pickled object": _pickled_object}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradlab.callbacks.grad_noise import GradNoiseMonitor, PerExampleTap, noise_estimates, reading
+from gradlab.observe.grad_noise import GradNoiseMonitor, PerExampleTap, noise_estimates, reading
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.mlp import ManualMLP, classification_loss
 from gradlab.models.rnn import SentimentRNN
@@ -305,7 +305,7 @@ def test_reading_says_what_a_larger_batch_buys():
 
 
 def test_train_py_writes_the_reading_into_metrics_json_and_the_table(cnn_run):
-    from gradlab.events import read_scalars
+    from gradlab.observe.events import read_scalars
 
     run_dir, metrics, _ = cnn_run
     assert metrics["grad_noise/batch_size"] == 32  # logged at step 0 (the default interval is 64 steps)

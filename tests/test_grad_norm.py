@@ -16,8 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import TENSORS, Even
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
-from gradlab.callbacks.grad_norm import GradNormMonitor
-from gradlab.events import read_scalars
+from gradlab.observe.grad_norm import GradNormMonitor
+from gradlab.observe.events import read_scalars
 from gradlab.models.classifier import ClassifierModule
 from helpers import ROOT, load_script, run_cli, tiny_mnist_args
 
@@ -337,7 +337,7 @@ def test_train_py_mlp_and_rnn_log_every_layer(mlp_and_rnn_sweep, job, params):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sweeps: every job has its own TensorBoard layout (callbacks/layout.py), of its own layers.
+# Sweeps: every job has its own TensorBoard layout (observe/layout.py), of its own layers.
 
 def layout_of(tb_dir: Path) -> layout_pb2.Layout:
     acc = EventAccumulator(str(tb_dir), size_guidance={TENSORS: 0})

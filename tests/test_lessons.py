@@ -44,7 +44,7 @@ def test_vanishing_gradients_shows_the_lesson_with_autograd_checked_norms(tmp_pa
     assert first_over_last("sigmoid") < first_over_last("relu + batch norm") / 100
     assert first_over_last("sigmoid") < first_over_last("tanh") / 100
 
-    # The health report's verdicts (gradlab.health) on each variant's training steps: sigmoid is flagged.
+    # The health report's verdicts (gradlab.observe.health_rules) on each variant's training steps: sigmoid is flagged.
     verdicts = {variant: [f.verdict for f in r["report"].findings] for variant, r in results.items()}
     assert "vanishing" in verdicts["sigmoid"]
     assert all("vanishing" not in verdicts[v] for v in ("tanh", "relu", "relu + batch norm"))

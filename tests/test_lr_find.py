@@ -7,7 +7,7 @@ import pytest
 from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-from gradlab.events import read_scalars
+from gradlab.observe.events import read_scalars
 from helpers import run_cli, tiny_mnist_args
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from gradlab.data.toy import ToyDataModule
 from gradlab.errors import UserError
-from gradlab.memory import step_memory
+from gradlab.autograd.memory import step_memory
 from gradlab.models.mlp import ManualMLP, classification_loss
 from helpers import run_cli, tiny_mnist_args
 
@@ -102,7 +102,7 @@ def test_binary_output_uses_bce_with_logits(device):
 
 @pytest.mark.parametrize("activation", ["tanh", "leaky_relu"])
 def test_keeps_and_peaks_no_more_memory_than_autograd(activation):
-    """Counted tensor by tensor (gradlab.memory: deterministic, not a timing). Each activation saves its output,
+    """Counted tensor by tensor (gradlab.autograd.memory: deterministic, not a timing). Each activation saves its output,
     which the next linear saves anyway; autograd's leaky relu keeps its input too, one activation per layer."""
     x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
     mem = {}

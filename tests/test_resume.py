@@ -68,7 +68,7 @@ def test_sigterm_then_sigkill_then_resume_ends_with_the_uninterrupted_metrics(cn
 def test_last_resolves_to_the_newest_run_and_resume_rejects_a_missing_file(tmp_path):
     from omegaconf import OmegaConf
 
-    from gradlab.runs import resolve_checkpoint
+    from gradlab.checkpoints.run_dirs import resolve_checkpoint
     from gradlab.errors import UserError
 
     runs = tmp_path / "logs" / "train" / "runs"
@@ -150,7 +150,7 @@ def test_sigusr1_is_noted_passed_on_and_its_handler_restored(tmp_path):
     (Lightning's SLURM requeue) still runs, right after that save, and is back in place after training."""
     from types import SimpleNamespace
 
-    from gradlab.callbacks.resume import ResumeCheckpoint
+    from gradlab.checkpoints.resume import ResumeCheckpoint
 
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
@@ -181,7 +181,7 @@ def test_sigusr1_is_noted_passed_on_and_its_handler_restored(tmp_path):
 def test_each_rank_gets_its_own_rng_state_back():
     from types import SimpleNamespace
 
-    from gradlab.callbacks.resume import ResumeCheckpoint, _rng_for_rank, _rng_state
+    from gradlab.checkpoints.resume import ResumeCheckpoint, _rng_for_rank, _rng_state
 
     states = []
     for seed in (11, 22):

@@ -10,7 +10,7 @@ from omegaconf import open_dict
 
 from gradlab.data.imdb import IMDBDataModule
 from gradlab.models.rnn import SentimentRNN
-from gradlab.train import build_module
+from gradlab.run.train import build_module
 from helpers import write_aclimdb
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -1,7 +1,7 @@
 """Every run and every sweep gets its own folder, even when many start in the same second.
 
 The runs below start at once with the clock frozen to one second (tests/frozen_clock/sitecustomize.py), so that
-every one of them asks for the same name: only the exclusive mkdir in gradlab.runs.claim_dir tells them apart.
+every one of them asks for the same name: only the exclusive mkdir in gradlab.checkpoints.run_dirs.claim_dir tells them apart.
 """
 
 import json
@@ -45,7 +45,7 @@ def expected_names(n: int) -> list[str]:
 
 
 def test_claims_in_the_same_second_get_distinct_names_in_claim_order(tmp_path, monkeypatch):
-    from gradlab.runs import claim_dir
+    from gradlab.checkpoints.run_dirs import claim_dir
 
     real = __import__("time").strftime
     monkeypatch.setattr("time.strftime", lambda fmt, *a: STAMP if fmt == "%Y-%m-%d_%H-%M-%S" and not a else real(fmt, *a))

@@ -95,7 +95,7 @@ def test_cpu_node_gets_one_task_and_a_bad_launcher_value_stops_before_submitting
 
 def test_job_states_from_squeue_keep_a_requeued_job_waited_for_and_see_a_vanished_one_ended():
     """The squeue lines the cluster prints (squeue --array --format=%i|%T|%N) as submitit's watcher reads them."""
-    from gradlab.slurm import SqueueWhenNoAccounting
+    from hydra_plugins.gradlab_slurm_launcher.queue import SqueueWhenNoAccounting
 
     watcher = SqueueWhenNoAccounting()
     watcher._use_squeue = True  # what it decides when sacct fails

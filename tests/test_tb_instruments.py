@@ -21,11 +21,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from gradlab.callbacks.activations import SATURATION, ActivationMonitor
-from gradlab.callbacks.grad_norm import GradNormMonitor
-from gradlab.callbacks.layout import TensorBoardLayout
-from gradlab.events import read_scalars
-from gradlab.health import diagnose
+from gradlab.observe.activations import SATURATION, ActivationMonitor
+from gradlab.observe.grad_norm import GradNormMonitor
+from gradlab.observe.layout import TensorBoardLayout
+from gradlab.observe.events import read_scalars
+from gradlab.observe.health_rules import diagnose
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.cnn import MnistCNN
 from gradlab.models.mlp import ManualMLP, classification_loss

@@ -5,9 +5,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from gradlab.callbacks.throughput import ThroughputMonitor
+from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.data.imdb import IMDBDataModule
-from gradlab.events import read_scalars
+from gradlab.observe.events import read_scalars
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.rnn import SentimentRNN
 from helpers import write_aclimdb

@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
-from gradlab import config
+from gradlab.config import rules as config
 from gradlab.errors import UserError
-from gradlab.events import read_scalars
+from gradlab.observe.events import read_scalars
 from helpers import run_cli, tiny_mnist_args
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -1,6 +1,6 @@
 """gradlab: train real models with Lightning + Hydra, and see their gradients."""
 
-from gradlab import resolvers as _resolvers
+from gradlab.config import resolvers as _resolvers
 
 __version__ = "0.1.0"
 

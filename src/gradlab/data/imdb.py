@@ -18,7 +18,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from gradlab.data.resumable import ResumableLoader, SeededShuffle, run_seed
 from gradlab.data.text import BucketBatchSampler, ReviewDataset, encode, pad_collate, train_tokenizer
-from gradlab.config import require, val_count
+from gradlab.config.rules import require, val_count
 from gradlab.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torchvision import datasets
 
-from gradlab.config import require, val_count
+from gradlab.config.rules import require, val_count
 from gradlab.data.idx import check_pair, read_idx
 from gradlab.data.tensor_loader import InMemoryDataModule, TensorBatches
 from gradlab.errors import UserError

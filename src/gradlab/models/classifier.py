@@ -9,8 +9,8 @@ from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-from gradlab.checkpoint import check_state_dict
-from gradlab.config import require
+from gradlab.checkpoints.load import check_state_dict
+from gradlab.config.rules import require
 from gradlab.errors import UserError
 
 

@@ -2,7 +2,7 @@
 
     python train.py -m hydra/launcher=slurm hydra.launcher.partition=gpu optimizer.lr=0.1,0.01
 
-- The launcher's values are checked before anything is submitted (gradlab.config.check_launcher): a bad one is a
+- The launcher's values are checked before anything is submitted (gradlab.config.rules.check_launcher): a bad one is a
   one-paragraph error (exit code 2), not an sbatch traceback after the sweep has started.
 - Job states: submitit asks `sacct`, which fails where the cluster keeps no accounting (many small clusters,
   scripts/slurm_local.sh); it then warned three lines on every poll and could not tell a job that died without a
@@ -29,8 +29,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        from gradlab.cli import fail
-        from gradlab.config import check_launcher
+        from gradlab.config.cli import fail
+        from gradlab.config.rules import check_launcher
         from gradlab.errors import UserError
 
         try:
@@ -43,7 +43,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             fail(str(err))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from gradlab.slurm import watch_states_with_squeue_if_no_accounting
+        from hydra_plugins.gradlab_slurm_launcher.queue import watch_states_with_squeue_if_no_accounting
 
         watch_states_with_squeue_if_no_accounting()  # before submitting: jobs register with the watcher then
         return super().launch(job_overrides, initial_job_idx)

@@ -10,12 +10,14 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from gradlab import checkpoint as ckpt
+from gradlab.checkpoints import load as ckpt
 from gradlab.data.images import list_images, load_digit
 from gradlab.errors import UserError
+from gradlab.config.cli import after_import
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    after_import(cfg)
     path = str(cfg.ckpt_path)
     checkpoint = ckpt.load(path)
     data_cfg = checkpoint["gradlab_config"].get("data") or {}

@@ -1,6 +1,6 @@
 """The gradient-flow picture of a run: per-layer gradient norms over steps (heat map), the total norm, and the
 update ratio per layer. One implementation for `scripts/plot_grad_flow.py`'s PNG and the TensorBoard image that
-callbacks/grad_flow.py logs.
+observe/grad_flow.py logs.
 
 Top: heat map layers x steps on a log colour scale, input layers at the top; grey cells are zero or non-finite
 norms. Below: the total norm (before and after clipping) and the update ratio ‖Δw‖/‖w‖ per layer against the
@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from gradlab.errors import UserError  # noqa: E402
-from gradlab.events import Series  # noqa: E402
+from gradlab.observe.events import Series  # noqa: E402
 
 TOTALS = ("grad_norm/total", "grad_norm/total_after_clip")
 HEALTHY_RATIO = 1e-3  # the usual rule of thumb for ‖Δw‖/‖w‖ per step

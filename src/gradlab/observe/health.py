@@ -1,7 +1,7 @@
-"""The health report (gradlab.health) at the end of fit: printed as a table, written to <run>/health.json and
+"""The health report (gradlab.observe.health_rules) at the end of fit: printed as a table, written to <run>/health.json and
 logged as TensorBoard text (TEXT tab, tag `health/report`).
 
-    python train.py callbacks.health.dead=0.5          # thresholds: see gradlab.health.Thresholds
+    python train.py callbacks.health.dead=0.5          # thresholds: see gradlab.observe.health_rules.Thresholds
     python train.py callbacks.health=null              # no report
     python scripts/grad_report.py logs/train/runs/<time>   # the same report for any finished run
 """
@@ -12,16 +12,16 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from gradlab.callbacks.writer import flush, log_dir, log_text
-from gradlab.events import RunReader
-from gradlab.health import Report, Thresholds, diagnose
+from gradlab.observe.writer import flush, log_dir, log_text
+from gradlab.observe.events import RunReader
+from gradlab.observe.health_rules import Report, Thresholds, diagnose
 
 TAG = "health/report"
 
 
 class HealthReport(Callback):
     """out_dir: where health.json goes (the run dir); None: the trainer's default_root_dir. The other arguments
-    are the rules' thresholds (gradlab.health.Thresholds)."""
+    are the rules' thresholds (gradlab.observe.health_rules.Thresholds)."""
 
     def __init__(self, out_dir: Optional[str] = None, **thresholds: float):
         self.out_dir = out_dir

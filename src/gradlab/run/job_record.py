@@ -1,6 +1,6 @@
 """A Hydra callback that leaves a metrics.json in the dir of every job that fails, wherever it failed.
 
-Configured in conf/hydra/default.yaml. A finished run writes its own metrics.json (gradlab.train.run); a job that
+Configured in conf/hydra/default.yaml. A finished run writes its own metrics.json (gradlab.run.train.run); a job that
 raised (a bad value, a crash in fit) gets {"status": "failed", "error": ..., "overrides": ..., "wall_time_s": ...},
 so scripts/sweep_report.py lists it beside the others. Hydra records the failure, runs the sweep's other jobs and
 re-raises it at the end.
@@ -50,7 +50,7 @@ class RecordFailedJob(Callback):
         if job_return.status != JobStatus.FAILED or _global_rank() != 0:
             return
         err = job_return._return_value  # `.return_value` would re-raise it
-        if isinstance(err.__cause__, UserError):  # gradlab.cli.JobError: record the user's error itself
+        if isinstance(err.__cause__, UserError):  # gradlab.config.cli.JobError: record the user's error itself
             err = err.__cause__
         record = {"status": "failed", "error": f"{type(err).__name__}: {err}",
                   "wall_time_s": round(time.time() - self.start, 2), "overrides": list(job_return.overrides or []),

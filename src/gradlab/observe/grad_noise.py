@@ -52,7 +52,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from torch import nn
 
-from gradlab.callbacks.grad_norm import _log
+from gradlab.observe.grad_norm import _log
 from gradlab.errors import UserError
 
 PREFIX = "grad_noise/"
@@ -90,7 +90,7 @@ def reading(b_simple: Optional[float], batch_size: int) -> str:
 
 
 def summarize(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
-    """The last B_simple reading of a run from its scalars (`gradlab.events.read_scalars(run, "grad_noise/")`)."""
+    """The last B_simple reading of a run from its scalars (`gradlab.observe.events.read_scalars(run, "grad_noise/")`)."""
     b = scalars.get(PREFIX + "b_simple/total")
     n = scalars.get(PREFIX + "batch_size")
     if not b or not n:

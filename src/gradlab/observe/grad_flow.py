@@ -1,11 +1,11 @@
-"""The gradient-flow picture (gradlab.grad_flow) as a TensorBoard image, at every validation epoch end and at
+"""The gradient-flow picture (gradlab.observe.grad_flow_picture) as a TensorBoard image, at every validation epoch end and at
 the end of fit.
 
     tensorboard --logdir logs/train/runs      # IMAGES tab: grad_flow, one picture per validation epoch
     python train.py callbacks.grad_flow=null  # no picture
 
 It draws what the gradient callback has written so far, read back from the run's event file through
-gradlab.events (the reader scripts/plot_grad_flow.py uses on a finished run), so the image and the script's PNG
+gradlab.observe.events (the reader scripts/plot_grad_flow.py uses on a finished run), so the image and the script's PNG
 are the same picture. Rank 0 only; about half a second of matplotlib per picture.
 """
 
@@ -14,9 +14,9 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from gradlab.callbacks.writer import flush, log_dir, log_image_png
-from gradlab.events import RunReader
-from gradlab.grad_flow import png_size, render_png
+from gradlab.observe.writer import flush, log_dir, log_image_png
+from gradlab.observe.events import RunReader
+from gradlab.observe.grad_flow_picture import png_size, render_png
 
 TAG = "grad_flow"
 

@@ -4,7 +4,7 @@
 
 `check(cfg)` runs on every entry point (train.py, eval.py, predict.py) right after Hydra composes and
 before Lightning is imported: types and ranges of the known keys, cross-checks, required values.
-Hydra itself rejects unknown keys and group options (gradlab.cli adds "did you mean").
+Hydra itself rejects unknown keys and group options (gradlab.config.cli adds "did you mean").
 `check_after_import(cfg)` runs once the heavy modules are imported: every `_target_` must import and
 accept the keys given to it, which catches a mistyped key inside a YAML file, and `ckpt_path` must be a
 readable checkpoint.
@@ -24,7 +24,7 @@ from gradlab.errors import UserError
 # The metric names every part of gradlab uses (checkpoint monitors, early stopping, sweeps).
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc")
 METRIC_PREFIXES = ("grad_norm/", "param_norm/", "update_ratio/")
-# "auto" (gradlab.precision): bf16-mixed where the CPU or GPU computes bfloat16 natively, else 32-true.
+# "auto" (gradlab.run.precision): bf16-mixed where the CPU or GPU computes bfloat16 natively, else 32-true.
 PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true",
               "transformer-engine", "transformer-engine-float16", "auto")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -32,7 +32,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # install it: `logger=wandb` without wandb fails here, in a second, instead of after the data is loaded.
 NEEDS = {"lightning.pytorch.loggers.WandbLogger": ("wandb", "pip install wandb"),
          "lightning.pytorch.loggers.MLFlowLogger": ("mlflow", "pip install mlflow"),
-         "gradlab.trackers.MLFlowLogger": ("mlflow", "pip install mlflow")}
+         "gradlab.run.trackers.MLFlowLogger": ("mlflow", "pip install mlflow")}
 # Hydra's own keys, which instantiate consumes.
 NOT_ARGUMENTS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
@@ -321,7 +321,7 @@ def check_after_import(cfg: DictConfig) -> None:
     """The `_target_` checks, and that `ckpt_path` is a readable checkpoint (before Lightning tries it)."""
     check_targets(cfg)
     if cfg.get("ckpt_path"):
-        from gradlab.checkpoint import load
+        from gradlab.checkpoints.load import load
 
         load(cfg.ckpt_path)
 

@@ -1,6 +1,6 @@
 """Checkpoint writes that never leave a torn file, and a disk error that says what it kept.
 
-    python train.py                    # conf/trainer/default.yaml: plugins: [gradlab.checkpoint_io.AtomicCheckpointIO]
+    python train.py                    # conf/trainer/default.yaml: plugins: [gradlab.checkpoints.atomic_io.AtomicCheckpointIO]
 
 Lightning 2.6 (TorchCheckpointIO -> lightning.fabric.utilities.cloud_io._atomic_save) writes through an fsspec
 transaction: the bytes go to a temp file made by tempfile.mkstemp() in $TMPDIR, then shutil.move() puts it in

@@ -1,10 +1,10 @@
 """What every entry point shares: user errors become one paragraph and exit code 2."""
 
 import difflib
-import importlib
 import os
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
@@ -17,22 +17,23 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
-def run_entry(module: str, cfg: DictConfig):
-    """Check `cfg`, then import `module` (heavy: Lightning, torch) and call its `run(cfg)`.
+@contextmanager
+def checked(cfg: DictConfig) -> Iterator[None]:
+    """Check `cfg` before the block's heavy imports (Lightning, torch), so that a bad value costs a second; a
+    UserError anywhere in the block becomes one paragraph and exit code 2. The entry points read:
 
-    UserError anywhere becomes a clean exit.
+        with checked(cfg):
+            from gradlab.run.train import run
+            return run(cfg)
     """
-    from gradlab import config, runs
-    from gradlab.console import tidy_lightning_logging
+    from gradlab.checkpoints import run_dirs
+    from gradlab.config import rules
 
     try:
         try:
-            config.check(cfg)  # before the heavy imports: a bad value costs a second
-            runs.resolve_checkpoint(cfg)
-            entry = importlib.import_module(module)
-            tidy_lightning_logging()  # now that Lightning is imported: each log line once, no adverts
-            config.check_after_import(cfg)
-            return entry.run(cfg)
+            rules.check(cfg)
+            run_dirs.resolve_checkpoint(cfg)
+            yield
         except Exception as err:
             # Hydra's instantiate wraps a constructor's UserError (e.g. data=toy with a wrong input_dim).
             raise _user_error_in(err) or err
@@ -44,6 +45,16 @@ def run_entry(module: str, cfg: DictConfig):
             print(f"error: {err}", file=sys.stderr)
             raise JobError(err) from err
         fail(str(err))
+
+
+def after_import(cfg: DictConfig) -> None:
+    """The first line of every `run(cfg)`: the checks that need the heavy imports (each `_target_` imports and
+    takes its keys; `ckpt_path` is a readable checkpoint), and Lightning's console tidied once it is imported."""
+    from gradlab.config import rules
+    from gradlab.run.console import tidy_lightning_logging
+
+    tidy_lightning_logging()
+    rules.check_after_import(cfg)
 
 
 class JobError(CompactHydraException):

@@ -8,14 +8,16 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from gradlab import checkpoint as ckpt
+from gradlab.checkpoints import load as ckpt
 from gradlab.errors import UserError
-from gradlab.precision import resolve as resolve_precision
-from gradlab.reporting import print_results
-from gradlab.train import _write_json, hydra_overrides
+from gradlab.run.precision import resolve as resolve_precision
+from gradlab.run.results import print_results
+from gradlab.run.train import _write_json, hydra_overrides
+from gradlab.config.cli import after_import
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    after_import(cfg)
     start = time.time()
     path = str(cfg.ckpt_path)
     checkpoint = ckpt.load(path)

@@ -19,9 +19,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from gradlab.callbacks.activations import STATS, ActivationMonitor
-from gradlab.callbacks.grad_norm import RATIO_BAND, GradNormMonitor
-from gradlab.callbacks.writer import log_layout
+from gradlab.observe.activations import STATS, ActivationMonitor
+from gradlab.observe.grad_norm import RATIO_BAND, GradNormMonitor
+from gradlab.observe.writer import log_layout
 
 STAT_TITLES = {"saturation": "saturated fraction (|tanh| > 0.97, sigmoid within 0.03 of 0/1)",
                "dead": "dead ReLU units (fraction zero for the whole batch)",

@@ -35,15 +35,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 
-from gradlab.callbacks.resume import ResumeCheckpoint
-from gradlab.callbacks.writer import log_scalars
+from gradlab.checkpoints.resume import ResumeCheckpoint
+from gradlab.observe.writer import log_scalars
 from gradlab.errors import UserError
 
 NONFINITE, VANISHING, EXPLODING = "non-finite", "vanishing", "exploding"
 # The healthy band of ‖Δw‖/‖w‖ drawn in the layout: a decade either side of the usual 1e-3, as log10 values.
 RATIO_BAND = {"update_ratio_log10/band_low": -4.0, "update_ratio_log10/band_1e-3": -3.0,
               "update_ratio_log10/band_high": -2.0}
-_log = log_scalars  # the shared writer (callbacks/writer.py), under its former name
+_log = log_scalars  # the shared writer (observe/writer.py), under its former name
 
 
 class GradNormMonitor(Callback):

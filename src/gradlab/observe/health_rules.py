@@ -27,7 +27,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from gradlab.events import Series
+from gradlab.observe.events import Series
 
 HEALTHY = "healthy"
 
@@ -93,7 +93,7 @@ class Report:
 
 
 def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None) -> Report:
-    """The report of one run's scalars ({tag: [(step, value), ...]}, as gradlab.events reads them)."""
+    """The report of one run's scalars ({tag: [(step, value), ...]}, as gradlab.observe.events reads them)."""
     th = thresholds or Thresholds()
     grads = _family(scalars, "grad_norm/", exclude=("total", "total_after_clip"))
     weights = {name: s for name, s in grads.items() if "weight" in name}

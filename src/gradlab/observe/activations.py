@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gradlab.callbacks.writer import log_scalars
+from gradlab.observe.writer import log_scalars
 from gradlab.errors import UserError
 
 SATURATION = 0.97  # |tanh| above this, or sigmoid within 1 - this of 0 or 1, sits on the flat part of the curve

@@ -1,4 +1,4 @@
-"""The config resolvers gradlab registers on import: `${gradlab.claim_dir:...}` (gradlab.runs) names run folders;
+"""The config resolvers gradlab registers on import: `${gradlab.claim_dir:...}` (gradlab.checkpoints.run_dirs) names run folders;
 names derived from a run's folder, for the experiment trackers' configs (conf/logger/mlflow.yaml, wandb.yaml).
 
     ${run_name:${paths.output_dir}}                   logs/train/runs/2026-12-01_09-00-00  -> 2026-12-01_09-00-00
@@ -26,7 +26,7 @@ def run_group(output_dir: str, log_dir: str) -> str:
 
 
 def register() -> None:
-    from gradlab.runs import register_resolver  # ${gradlab.claim_dir:...}: each run's own folder
+    from gradlab.checkpoints.run_dirs import register_resolver  # ${gradlab.claim_dir:...}: each run's own folder
 
     register_resolver()
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)

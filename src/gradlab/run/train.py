@@ -12,14 +12,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gradlab.callbacks.throughput import ThroughputMonitor
-from gradlab.ddp import ddp_children_join_this_job
-from gradlab.hparams import log_hparams
-from gradlab.job_record import slurm_ids
-from gradlab.precision import resolve as resolve_precision
-from gradlab.reporting import print_results
-from gradlab.trackers import log_config, record_results
-from gradlab.tune import log_lr_find, lr_find
+from gradlab.observe.throughput import ThroughputMonitor
+from gradlab.run.ddp import ddp_children_join_this_job
+from gradlab.run.hparams import log_hparams
+from gradlab.run.job_record import slurm_ids
+from gradlab.run.precision import resolve as resolve_precision
+from gradlab.run.results import print_results
+from gradlab.run.trackers import log_config, record_results
+from gradlab.run.lr_find import log_lr_find, lr_find
+from gradlab.config.cli import after_import
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -39,7 +40,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
         switches["enable_progress_bar"] = False
     if "enable_model_summary" not in cfg.trainer and not any(isinstance(c, ModelSummary) for c in callbacks):
         switches["enable_model_summary"] = False
-    # trainer.precision=auto becomes bf16-mixed or 32-true here, the one place (gradlab.precision).
+    # trainer.precision=auto becomes bf16-mixed or 32-true here, the one place (gradlab.run.precision).
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision, **switches)
 
@@ -58,6 +59,7 @@ def output_dir(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> Optional[float]:
+    after_import(cfg)
     with ddp_children_join_this_job(output_dir(cfg)):
         return _run(cfg)
 
