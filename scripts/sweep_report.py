@@ -19,11 +19,12 @@ from typing import Optional
 
 import yaml
 
-from gradlab.config.cli import fail
-from gradlab.errors import UserError
 from gradlab.checkpoints.run_dirs import read_metrics, read_overrides
+from gradlab.config.cli import fail
+from gradlab.config.rules import METRICS as RUN_METRICS
+from gradlab.errors import UserError
 
-METRICS = ("val/acc", "val/acc_best", "val/loss", "test/acc", "test/loss")
+METRICS = tuple(m for m in RUN_METRICS if not m.startswith("train/"))  # the columns: what a sweep is judged by
 LOG_KEYS = ("lr", "max_lr", "learning_rate", "weight_decay", "eps")
 
 

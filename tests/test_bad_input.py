@@ -13,12 +13,19 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401  (imported at collection: its log handler then binds to the session's stderr)
 import pytest
 import torch
+from conftest import ONE_THREAD
+from helpers import (
+    ROOT,
+    fake_digits,
+    run_cli,
+    run_entry,
+    tiny_mnist_args,
+    write_idx,
+    write_mnist,
+)
 from hydra import compose, initialize_config_dir
 
-from helpers import run_entry
 from gradlab.errors import EXIT_USER_ERROR
-from conftest import ONE_THREAD
-from helpers import ROOT, fake_digits, run_cli, tiny_mnist_args, write_idx, write_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -245,15 +252,26 @@ def test_user_error_raised_inside_a_constructor_is_one_message(tmp_path):
 
 
 def test_metrics_json_stays_strict_json_when_a_metric_is_not_finite(tmp_path):
-    from gradlab.run.train import _write_json
+    from gradlab.run.results import write_metrics
 
-    path = tmp_path / "run" / "metrics.json"
-    _write_json(str(path), {"train/loss": float("inf"), "val/loss": float("nan"), "test/acc": 0.5, "epochs": 2})
+    path = write_metrics(str(tmp_path / "run"), {"train/loss": float("inf"), "val/loss": float("nan"),
+                                                 "test/acc": 0.5, "epochs": 2})
 
     def reject(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
 
-    data = json.loads(path.read_text(), parse_constant=reject)  # a strict parser reads it
+    data = json.loads(Path(path).read_text(), parse_constant=reject)  # a strict parser reads it
     assert data["train/loss"] is None and data["val/loss"] is None
     assert data["nonfinite"] == {"train/loss": "inf", "val/loss": "nan"}
     assert data["test/acc"] == 0.5 and data["epochs"] == 2
+
+
+def test_health_json_follows_the_same_nan_policy(tmp_path):
+    """One JSON writer, one NaN policy: a nested non-finite value is null too, and named by its path."""
+    from gradlab.observe.health_rules import Report, Thresholds
+
+    Report(thresholds=Thresholds(exploding=float("inf"))).write_json(tmp_path / "health.json")
+    data = json.loads((tmp_path / "health.json").read_text(), parse_constant=lambda c: 1 / 0)
+    assert data["thresholds"]["exploding"] is None
+    assert data["nonfinite"] == {"thresholds.exploding": "inf"}
+    assert data["thresholds"]["dead"] == Thresholds().dead

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, fake_digits, run_cli, run_entry, tiny_mnist_args, write_idx
 from hydra import compose, initialize_config_dir
 
 from gradlab.config.cli import check_overrides
 from gradlab.config.rules import check
 from gradlab.errors import EXIT_USER_ERROR, UserError
-from helpers import ROOT, fake_digits, run_cli, run_entry, tiny_mnist_args, write_idx
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

@@ -83,3 +83,4 @@ def _remove(path: str) -> None:
         os.remove(path)
     except OSError:
         pass
+

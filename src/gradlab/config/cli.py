@@ -94,7 +94,11 @@ def check_overrides(script: str, config_name: str, args: Optional[list[str]] = N
     if not args or any(a.startswith("-") for a in args):
         return
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+    from hydra.errors import (
+        ConfigCompositionException,
+        HydraException,
+        MissingConfigException,
+    )
 
     conf = os.path.join(os.path.dirname(os.path.abspath(script)), "conf")
     remaining, problems, mistyped, composed = list(args), [], [], None

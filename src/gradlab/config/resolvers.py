@@ -26,7 +26,9 @@ def run_group(output_dir: str, log_dir: str) -> str:
 
 
 def register() -> None:
-    from gradlab.checkpoints.run_dirs import register_resolver  # ${gradlab.claim_dir:...}: each run's own folder
+    from gradlab.checkpoints.run_dirs import (
+        register_resolver,  # ${gradlab.claim_dir:...}: each run's own folder
+    )
 
     register_resolver()
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)

@@ -21,9 +21,10 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from gradlab.errors import UserError
 
-# The metric names every part of gradlab uses (checkpoint monitors, early stopping, sweeps).
+# The metric names every part of gradlab uses (checkpoint monitors, early stopping, sweeps, the HParams columns,
+# sweep reports), and the prefixes of the instruments' tags (gradlab.observe), which can be monitored too.
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc")
-METRIC_PREFIXES = ("grad_norm/", "param_norm/", "update_ratio/")
+METRIC_PREFIXES = ("grad_norm/", "param_norm/", "update_ratio/", "act/", "grad_noise/")
 # "auto" (gradlab.run.precision): bf16-mixed where the CPU or GPU computes bfloat16 natively, else 32-true.
 PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true",
               "transformer-engine", "transformer-engine-float16", "auto")
@@ -61,7 +62,7 @@ SIZES: Check = (lambda v: COUNT[0](v) or (isinstance(v, list) and len(v) > 0 and
 BATCHES: Check = (lambda v: v is None or (_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
                   "an integer >= 0 (batches) or a fraction in [0, 1]")
 METRIC: Check = (lambda v: v is None or v in METRICS or str(v).startswith(METRIC_PREFIXES),
-                 f"one of {', '.join(METRICS)} (or grad_norm/<param>)")
+                 f"one of {', '.join(METRICS)}, or an instrument's tag starting with {', '.join(METRIC_PREFIXES)}")
 
 
 def _one_of(*choices: Any) -> Check:

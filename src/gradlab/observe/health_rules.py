@@ -17,7 +17,6 @@ Each finding names the layer, the step range, the evidence and a likely fix; a r
 Medians over a window keep one noisy logging step from deciding a verdict.
 """
 
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
+from gradlab.checkpoints.files import write_json
 from gradlab.observe.events import Series
 
 HEALTHY = "healthy"
@@ -71,10 +71,7 @@ class Report:
                 "findings": [{**asdict(f), "steps": list(f.steps)} for f in self.findings]}
 
     def write_json(self, path: Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(_json_safe(self.to_dict()), indent=2))
-        tmp.replace(path)
+        write_json(path, self.to_dict())
 
     def markdown(self) -> str:
         lines = ["| verdict | layer | steps | evidence | fix |", "|---|---|---|---|---|"]
@@ -228,13 +225,3 @@ def _half(series: Series) -> Series:
 def _quarter(series: Series, which: int) -> Series:
     k = max(1, len(series) // 4)
     return series[:k] if which == 0 else series[-k:]
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

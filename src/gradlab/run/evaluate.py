@@ -9,11 +9,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from gradlab.checkpoints import load as ckpt
+from gradlab.config.cli import after_import
 from gradlab.errors import UserError
 from gradlab.run.precision import resolve as resolve_precision
-from gradlab.run.results import print_results
-from gradlab.run.train import _write_json, hydra_overrides
-from gradlab.config.cli import after_import
+from gradlab.run.results import print_results, write_metrics
+from gradlab.run.train import hydra_overrides
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -46,7 +46,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "wall_time_s": round(time.time() - start, 2),
         "overrides": hydra_overrides(),
     })
-    _write_json(os.path.join(cfg.paths.output_dir, "metrics.json"), metrics)
+    write_metrics(cfg.paths.output_dir, metrics)
     print_results(metrics, cfg.paths.output_dir)
     return metrics
 

@@ -11,15 +11,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from gradlab.config.rules import METRICS
+from gradlab.observe.writer import flush, log_summary, tensorboard_logger
+from gradlab.run.trackers import flatten
 
 # The config groups whose every value is a hyperparameter; other groups contribute only what a run overrides.
 GROUPS = ("model", "optimizer", "scheduler")
 KEYS = ("seed", "data.batch_size", "trainer.max_epochs", "trainer.precision", "trainer.gradient_clip_val")
-# Final metrics shown as columns (when the run logged them).
-METRICS = ("val/acc", "val/acc_best", "val/loss", "test/acc", "test/loss", "train/loss", "train/acc")
 
 
 def run_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -34,7 +35,9 @@ def run_hparams(cfg: DictConfig) -> dict[str, Any]:
     for group in GROUPS:
         node = OmegaConf.select(cfg, group)
         if isinstance(node, DictConfig):
-            params.update(_flatten(OmegaConf.to_container(node, resolve=True), group))
+            params.update({key: value for key, value in flatten(OmegaConf.to_container(node, resolve=True),
+                                                                 f"{group}.").items()
+                           if key.rpartition(".")[2] not in ("_target_", "_partial_", "_convert_")})
     for key in (*KEYS, *(k for k in overridden if not k.startswith("paths."))):  # where files go is no hparam
         value = OmegaConf.select(cfg, key, default=None)
         if key not in params and not isinstance(value, DictConfig):  # group choices are already in
@@ -45,28 +48,12 @@ def run_hparams(cfg: DictConfig) -> dict[str, Any]:
 def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -> None:
     """Write the hparams summary into each TensorBoard logger's run (rank zero only: loggers write nowhere else)."""
     columns = {name: float(metrics[name]) for name in METRICS if isinstance(metrics.get(name), (int, float))}
-    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-    if not (trainer.is_global_zero and columns and loggers):
+    if not (trainer.is_global_zero and columns and tensorboard_logger(trainer)):
         return
     summaries = hparams_summary(run_hparams(cfg), columns)
-    for logger in loggers:
-        # The experiment's file writer: the events land in the run's own folder, beside its scalars.
-        writer = logger.experiment._get_file_writer()
-        for summary in summaries:
-            writer.add_summary(summary)
-        logger.experiment.flush()
-
-
-def _flatten(tree: dict, prefix: str) -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if key in ("_target_", "_partial_", "_convert_"):
-            continue
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}.{key}"))
-        else:
-            flat[f"{prefix}.{key}"] = value
-    return flat
+    for summary in summaries:  # through the one writer: the events land in the run's own folder, beside its scalars
+        log_summary(trainer, summary)
+    flush(trainer)
 
 
 def _scalar(value: Any) -> bool | int | float | str:

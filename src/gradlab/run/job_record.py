@@ -6,7 +6,6 @@ so scripts/sweep_report.py lists it beside the others. Hydra records the failure
 re-raises it at the end.
 """
 
-import json
 import os
 import time
 from typing import Any
@@ -15,6 +14,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from gradlab.checkpoints.files import write_json
 from gradlab.errors import UserError
 
 
@@ -55,7 +55,4 @@ class RecordFailedJob(Callback):
         record = {"status": "failed", "error": f"{type(err).__name__}: {err}",
                   "wall_time_s": round(time.time() - self.start, 2), "overrides": list(job_return.overrides or []),
                   **slurm_ids()}
-        path = os.path.join(config.hydra.runtime.output_dir, "metrics.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        write_json(os.path.join(config.hydra.runtime.output_dir, "metrics.json"), record)

@@ -7,7 +7,6 @@ The range test runs on a trainer of its own, without the run's callbacks and log
 diverging steps; the module's weights and optimizer state are restored afterwards (Lightning does it).
 """
 
-import json
 import os
 from typing import Any, Optional
 
@@ -15,6 +14,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from gradlab.checkpoints.files import write_json
 from gradlab.errors import UserError
 
 PLOT, CURVE, TAG = "lr_find.png", "lr_find.json", "lr_find/loss_vs_lr"
@@ -44,8 +44,8 @@ def lr_find(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lightnin
     figure = finder.plot(suggest=True)
     figure.axes[0].set_title(f"suggested lr {suggested:.3g}")
     figure.savefig(os.path.join(out_dir, PLOT), dpi=120)
-    with open(os.path.join(out_dir, CURVE), "w") as f:
-        json.dump({"lr": finder.results["lr"], "loss": finder.results["loss"], "suggested_lr": suggested}, f)
+    write_json(os.path.join(out_dir, CURVE), {"lr": finder.results["lr"], "loss": finder.results["loss"],
+                                              "suggested_lr": suggested})
     print(f"lr_find: suggested lr {suggested:.3g}; plot in {os.path.join(out_dir, PLOT)}"
           + ("" if tune.apply else f" (training with optimizer.lr={cfg.optimizer.lr}; tune.apply=true uses it)"))
     return {"suggested_lr": suggested, "figure": figure}

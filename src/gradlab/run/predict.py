@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from gradlab.checkpoints import load as ckpt
+from gradlab.config.cli import after_import
 from gradlab.data.images import list_images, load_digit
 from gradlab.errors import UserError
-from gradlab.config.cli import after_import
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -42,7 +42,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def predict_images(module, data_cfg: dict, cfg: DictConfig) -> list[dict[str, Any]]:
-    from gradlab.data.mnist import DATASETS  # the normalization the model was trained with
+    from gradlab.data.mnist import (
+        DATASETS,  # the normalization the model was trained with
+    )
 
     dataset_cls, mean, std = DATASETS[data_cfg.get("dataset", "mnist")]
     files, images, skipped = list_images(str(cfg.input)), [], []

@@ -1,7 +1,18 @@
-"""The short results table printed at the end of a run."""
+"""A run's results: the one writer of its metrics.json, and the short table printed at its end."""
+
+import os
 
 from rich.console import Console
 from rich.table import Table
+
+from gradlab.checkpoints.files import write_json
+
+
+def write_metrics(run_dir: str, metrics: dict) -> str:
+    """<run_dir>/metrics.json, atomically, with the one NaN policy (gradlab.checkpoints.atomic_io.write_json)."""
+    path = os.path.join(run_dir, "metrics.json")
+    write_json(path, metrics)
+    return path
 
 
 def print_results(metrics: dict, run_dir: str) -> None:

@@ -75,7 +75,7 @@ def _clean_key(key: str) -> str:
 
 def log_config(loggers: list[Any], cfg: DictConfig) -> None:
     """The resolved config, flattened to dotted keys (`optimizer.lr`), as MLflow params / W&B config."""
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
     for logger in loggers:
         if isinstance(logger, (LightningMLFlowLogger, WandbLogger)):
             logger.log_hyperparams(flat)
@@ -102,11 +102,12 @@ def record_results(loggers: list[Any], metrics: dict[str, Any], metrics_path: st
             run.finish()
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a config as the flat keys that trackers and the HParams view take."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

@@ -1,7 +1,6 @@
 """The training run behind train.py: build everything from the config, fit, test the best checkpoint, report."""
 
 import json
-import math
 import os
 import time
 from typing import Any, Optional
@@ -12,15 +11,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gradlab.config.cli import after_import
 from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.run.ddp import ddp_children_join_this_job
 from gradlab.run.hparams import log_hparams
 from gradlab.run.job_record import slurm_ids
-from gradlab.run.precision import resolve as resolve_precision
-from gradlab.run.results import print_results
-from gradlab.run.trackers import log_config, record_results
 from gradlab.run.lr_find import log_lr_find, lr_find
-from gradlab.config.cli import after_import
+from gradlab.run.precision import resolve as resolve_precision
+from gradlab.run.results import print_results, write_metrics
+from gradlab.run.trackers import log_config, record_results
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -91,7 +90,7 @@ def _run(cfg: DictConfig) -> Optional[float]:
         metrics.update(_scalars(trainer.callback_metrics))
         metrics.update(_throughput(trainer))
         if trainer.is_global_zero and not trainer.interrupted:
-            metrics = _fit_metrics_of_finished_fit(metrics, os.path.join(output_dir(cfg), "metrics.json"), trainer)
+            metrics = _fit_metrics_of_finished_fit(metrics, output_dir(cfg), trainer)
     best = _best_checkpoint(trainer)
     if cfg.get("test", True):
         if best is None and cfg.get("train", True) and not trainer.fast_dev_run:
@@ -117,25 +116,24 @@ def _run(cfg: DictConfig) -> Optional[float]:
             metrics.update(callback.final_metrics())
     log_hparams(trainer, cfg, metrics)
     if trainer.is_global_zero:
-        _write_json(os.path.join(output_dir(cfg), "metrics.json"), metrics)
-        record_results(loggers, metrics, os.path.join(output_dir(cfg), "metrics.json"))
+        record_results(loggers, metrics, write_metrics(output_dir(cfg), metrics))
         print_results(metrics, output_dir(cfg))
     value = metrics.get(cfg.get("optimized_metric") or "")
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _fit_metrics_of_finished_fit(metrics: dict[str, Any], path: str, trainer: pl.Trainer) -> dict[str, Any]:
+def _fit_metrics_of_finished_fit(metrics: dict[str, Any], run_dir: str, trainer: pl.Trainer) -> dict[str, Any]:
     """Records the fit's metrics (status "testing") before the test stage. A run killed during its test stage and
     resumed from its last.ckpt trains no step again, so its own fit metrics would be those of an empty epoch:
     the ones recorded when this same fit (same folder, same step) finished are kept instead."""
     try:
-        with open(path) as f:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
             before = json.load(f)
     except (OSError, ValueError):
         before = {}
     if isinstance(before, dict) and before.get("status") == "testing" and before.get("steps") == trainer.global_step:
         metrics = {**metrics, **{k: v for k, v in before.items() if "/" in k and not k.startswith("test/")}}
-    _write_json(path, {**metrics, "steps": trainer.global_step, "epochs": trainer.current_epoch, "status": "testing"})
+    write_metrics(run_dir, {**metrics, "steps": trainer.global_step, "epochs": trainer.current_epoch, "status": "testing"})
     return metrics
 
 
@@ -161,16 +159,3 @@ def _best_checkpoint(trainer: pl.Trainer) -> Optional[str]:
     ckpt = trainer.checkpoint_callback
     path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
     return path if path and os.path.exists(path) else None
-
-
-def _write_json(path: str, data: dict) -> None:
-    # NaN and inf are not JSON (json.dump would write NaN/Infinity, which strict parsers reject): such a value is
-    # written as null and named, with its value, under "nonfinite", e.g. {"train/loss": "inf"}.
-    bad = {k: repr(v) for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)}
-    if bad:
-        data = {**{k: (None if k in bad else v) for k, v in data.items()}, "nonfinite": bad}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
-    os.replace(tmp, path)  # never leave a half-written metrics.json

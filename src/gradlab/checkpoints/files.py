@@ -1,0 +1,37 @@
+"""Small files of a run (metrics.json, health.json, lr_find.json), written whole or not at all. Light on imports:
+Hydra's job callback (gradlab.run.job_record) writes a failed job's record with it before torch is loaded."""
+
+import json
+import math
+import os
+
+
+def write_json(path, data: dict) -> None:
+    """The one JSON writer of a run's files (metrics.json, health.json, lr_find.json): written beside the target,
+    then swapped in, so a reader never sees half a file.
+
+    NaN and inf are not JSON (json.dump would write NaN/Infinity, which strict parsers reject). The one policy: such
+    a value is written as null and named, with its value, under a top-level "nonfinite" map, keyed by its path:
+    {"train/loss": null, ..., "nonfinite": {"train/loss": "inf", "findings.0.value": "nan"}}.
+    """
+    bad: dict[str, str] = {}
+
+    def finite(value, where: str):
+        if isinstance(value, float) and not math.isfinite(value):
+            bad[where] = repr(value)
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v, f"{where}.{i}") for i, v in enumerate(value)]
+        return value
+
+    data = finite(data, "")
+    if bad:
+        data = {**data, "nonfinite": bad}
+    path = str(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
+    os.replace(tmp, path)
