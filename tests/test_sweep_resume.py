@@ -1,0 +1,161 @@
+"""Sweeps killed for real (SIGKILL to the sweep's whole process group) and resumed with +sweep.resume=true: the
+resumed sweep ends with the results of the sweep that was never interrupted. Tiny MLP runs on tiny IDX data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from helpers import ROOT, run_cli, tiny_mnist_args
+
+TESTS = Path(__file__).resolve().parent
+ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+# The test callback that holds a chosen job at a chosen step until the test kills the sweep (tests/faults.py). It
+# is in every command, so that the sweep killed and the sweep resumed have the same overrides.
+HOLD = ["+callbacks.zz_hold._target_=faults.HoldAtStep", "+callbacks.zz_hold.output_dir=${paths.output_dir}"]
+FAST = ["callbacks.grad_noise=null", "trainer.log_every_n_steps=1"]
+COMPARED = ("train/loss", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc", "epochs", "steps",
+            "overrides", "status")
+
+
+def start_and_kill(args: list[str], cwd: Path, job: str, step: int) -> None:
+    """Starts `train.py args` in a process group of its own; once job folder `job` holds at optimizer step `step`,
+    SIGKILLs the whole group (the sweep process and any child), as a power cut or `scancel` would."""
+    marker = cwd / "held"
+    with open(cwd / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, stdout=log, stderr=log,
+                                start_new_session=True,
+                                env={**os.environ, **ENV, "GRADLAB_TEST_HOLD": f"{job}:{step}:{marker}"})
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert marker.exists(), (cwd / "killed.log").read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+
+
+def timed(*args, cwd: Path):
+    start = time.monotonic()
+    proc = run_cli("train.py", *args, cwd=cwd, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, time.monotonic() - start
+
+
+def metrics_of(job_dir: Path) -> dict:
+    return json.loads((job_dir / "metrics.json").read_text())
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def launches(sweep: Path) -> list[dict]:
+    return json.loads((sweep / "sweep_state.json").read_text())["launches"]
+
+
+@pytest.mark.slow
+def test_killed_grid_resumes_only_its_unfinished_jobs_to_the_uninterrupted_metrics(mnist_root, tmp_path):
+    """4 jobs of 14 steps (2 epochs), last.ckpt every 3 steps. The sweep is killed in job 3 (folder 2) after step
+    11, so job 3 continues from step 9 (mid-epoch 1) and job 4 has never started."""
+    args = [*tiny_mnist_args(mnist_root, tmp_path), *FAST, "model=mlp", "optimizer=sgd", "trainer.max_epochs=2",
+            "callbacks.resume.every_n_train_steps=3", *HOLD, "optimizer.lr=0.2,0.1,0.05,0.02"]
+    reference, fresh_s = timed("-m", *args, f"hydra.sweep.dir={tmp_path / 'reference'}", cwd=tmp_path)
+
+    sweep = tmp_path / "sweep"
+    start_and_kill(["-m", *args, f"hydra.sweep.dir={sweep}"], tmp_path, job="2", step=11)
+    assert [metrics_of(sweep / j)["status"] for j in ("0", "1")] == ["completed", "completed"]
+    assert torch.load(sweep / "2" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 9
+    assert not (sweep / "2" / "metrics.json").exists() and not (sweep / "3").exists()
+
+    # A changed sweep stops, naming the difference, and so does a rerun without the flag: nothing is touched.
+    before = snapshot(sweep)
+    changed = run_cli("train.py", "-m", *args[:-1], "optimizer.lr=0.2,0.1,0.05", "trainer.max_epochs=3",
+                      f"hydra.sweep.dir={sweep}", "+sweep.resume=true", cwd=tmp_path, env=ENV)
+    assert changed.returncode == 2
+    assert "optimizer.lr: 0.2,0.1,0.05,0.02 in the sweep, 0.2,0.1,0.05 now" in changed.stderr
+    assert "trainer.max_epochs: 2 in the sweep, 3 now" in changed.stderr
+    again = run_cli("train.py", "-m", *args, f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=ENV)
+    assert again.returncode == 2 and "already holds a sweep" in again.stderr and "+sweep.resume=true" in again.stderr
+    assert snapshot(sweep) == before
+
+    finished = {j: snapshot(sweep / j) for j in ("0", "1")}
+    resumed, resume_s = timed("-m", *args, f"hydra.sweep.dir={sweep}", "+sweep.resume=true", cwd=tmp_path)
+    output = resumed.stdout + resumed.stderr
+    assert "Launching 2 jobs locally" in output
+    assert f"Resuming from {sweep / '2' / 'checkpoints' / 'last.ckpt'}" in output
+    assert launches(sweep)[-1]["jobs"] == {"0": "skipped", "1": "skipped", "2": "resumed", "3": "new"}
+    assert {j: snapshot(sweep / j) for j in ("0", "1")} == finished  # skipped: not a byte rewritten
+    for job in ("0", "1", "2", "3"):
+        got, want = metrics_of(sweep / job), metrics_of(tmp_path / "reference" / job)
+        assert {k: got[k] for k in COMPARED} == {k: want[k] for k in COMPARED}, job
+    assert resume_s < fresh_s, (resume_s, fresh_s)
+    print(f"fresh sweep {fresh_s:.1f} s, resume {resume_s:.1f} s")
+
+
+def optuna_trials(sweep: Path) -> list[optuna.trial.FrozenTrial]:
+    state = json.loads((sweep / "sweep_state.json").read_text())
+    return optuna.load_study(study_name=state["study_name"], storage=state["storage"]).trials
+
+
+@pytest.mark.slow
+def test_killed_optuna_study_retries_its_dead_trial_and_ends_as_the_uninterrupted_one(mnist_root, tmp_path):
+    """8 trials of TPE (seeded, modelling from the 4th trial on), killed while trial 4 (folder 3) runs, after
+    its step-2 last.ckpt. The resume marks it FAIL, retries its values first from that checkpoint and runs 4 more."""
+    args = ["hparams_search=mlp_optuna", "hydra.sweeper.n_trials=8", "hydra.sweeper.sampler.n_startup_trials=3",
+            "optimized_metric=val/loss", "hydra.sweeper.direction=minimize", "model.hidden=[32]",
+            "model.activation=relu", "model.batch_norm=false", "test=false",
+            *tiny_mnist_args(mnist_root, tmp_path), *FAST, "trainer.max_epochs=1",
+            "callbacks.resume.every_n_train_steps=2", *HOLD]
+    timed(*args, f"hydra.sweep.dir={tmp_path / 'reference'}", cwd=tmp_path)
+    sweep = tmp_path / "sweep"
+    start_and_kill([*args, f"hydra.sweep.dir={sweep}"], tmp_path, job="3", step=3)
+    states = [t.state for t in optuna_trials(sweep)]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 3 + [optuna.trial.TrialState.RUNNING]
+
+    resumed, _ = timed(*args, f"hydra.sweep.dir={sweep}", "+sweep.resume=true", cwd=tmp_path)
+    assert f"Resuming from {sweep / '3' / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
+    trials = optuna_trials(sweep)
+    dead = trials[3]
+    assert dead.state == optuna.trial.TrialState.FAIL and "sweep process died" in dead.user_attrs["interrupted"]
+    retry = trials[4]
+    assert retry.params == dead.params and retry.user_attrs["retry_of"] == 3 and retry.user_attrs["job_dir"] == "3"
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 9 and len(finished) == 8  # n_trials: the finished ones; the killed one does not count
+
+    reference = optuna_trials(tmp_path / "reference")
+    assert [(t.params, t.value) for t in finished] == [(t.params, t.value) for t in reference]
+    assert sorted(p.name for p in sweep.iterdir() if p.name.isdigit()) == [str(i) for i in range(8)]
+    for t in finished:  # each trial's value is its job's metrics.json
+        assert metrics_of(sweep / t.user_attrs["job_dir"])["val/loss"] == t.value
+    results = [yaml.safe_load((s / "optimization_results.yaml").read_text()) for s in (sweep, tmp_path / "reference")]
+    assert results[0]["best_value"] == results[1]["best_value"]
+    assert results[0]["best_params"] == results[1]["best_params"]
+
+
+def test_jobs_match_on_overrides_and_a_new_job_never_takes_another_jobs_folder():
+    from hydra_plugins.gradlab_grid_sweeper.grid_sweeper import plan_jobs
+
+    from gradlab.sweeps import JobDir
+
+    grid = [["a=1", "b=1"], ["a=1", "b=2"], ["a=2", "b=1"], ["a=2", "b=2"]]
+    # The sweep was started as `b=1,2 a=1,2`: its folders hold other jobs than this order's numbers say.
+    found = [JobDir("0", ["b=1", "a=1"], {"status": "completed"}), JobDir("1", ["b=1", "a=2"], {}, checkpoint=True),
+             JobDir("2", ["b=2", "a=1"], {"status": "failed"})]
+    plan = plan_jobs(grid, found, planned=[])
+    assert [(d, action) for _, d, action in plan] == [("0", "skipped"), ("2", "new"), ("1", "resumed"), ("3", "new")]
+    planned = [{"dir": "3", "overrides": ["b=2", "a=2"]}]
+    assert plan_jobs(grid, found[:1], planned)[3][1:] == ("3", "new")  # the folder it was planned in
+    # Folder 3 planned for another job: the job never started takes the next free number.
+    other = [{"dir": "3", "overrides": ["a=9"]}]
+    assert [d for _, d, _ in plan_jobs(grid, found, other)] == ["0", "2", "1", "4"]
