@@ -1,8 +1,10 @@
 """Sweeps killed for real (SIGKILL to the sweep's whole process group) and resumed with +sweep.resume=true: the
 resumed sweep ends with the results of the sweep that was never interrupted. Tiny MLP runs on tiny IDX data."""
 
+import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,7 +16,9 @@ import pytest
 import torch
 import yaml
 
-from helpers import ROOT, run_cli, tiny_mnist_args
+from helpers import ROOT, load_script, run_cli, tiny_mnist_args
+
+sweep_report = load_script("sweep_report")
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -65,7 +69,7 @@ def launches(sweep: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_killed_grid_resumes_only_its_unfinished_jobs_to_the_uninterrupted_metrics(mnist_root, tmp_path):
+def test_killed_grid_resumes_only_its_unfinished_jobs_to_the_uninterrupted_metrics(mnist_root, tmp_path, capsys):
     """4 jobs of 14 steps (2 epochs), last.ckpt every 3 steps. The sweep is killed in job 3 (folder 2) after step
     11, so job 3 continues from step 9 (mid-epoch 1) and job 4 has never started."""
     args = [*tiny_mnist_args(mnist_root, tmp_path), *FAST, "model=mlp", "optimizer=sgd", "trainer.max_epochs=2",
@@ -89,8 +93,16 @@ def test_killed_grid_resumes_only_its_unfinished_jobs_to_the_uninterrupted_metri
     assert again.returncode == 2 and "already holds a sweep" in again.stderr and "+sweep.resume=true" in again.stderr
     assert snapshot(sweep) == before
 
+    # The report says what is left and prints the command that resumes the sweep: the one run next.
+    assert sweep_report.main([str(sweep), "--todo"]) == 0
+    left = capsys.readouterr().out
+    assert "2 of 4 jobs completed; 2 to run." in left
+    assert "  2: resumes from its checkpoint: " in left and "  3: not started: " in left
+    command = shlex.split(left.split("Resume with:\n")[1])
+    assert command[:2] == ["python", "train.py"] and command[-2:] == [f"hydra.sweep.dir={sweep}", "+sweep.resume=true"]
+
     finished = {j: snapshot(sweep / j) for j in ("0", "1")}
-    resumed, resume_s = timed("-m", *args, f"hydra.sweep.dir={sweep}", "+sweep.resume=true", cwd=tmp_path)
+    resumed, resume_s = timed(*command[2:], cwd=tmp_path)
     output = resumed.stdout + resumed.stderr
     assert "Launching 2 jobs locally" in output
     assert f"Resuming from {sweep / '2' / 'checkpoints' / 'last.ckpt'}" in output
@@ -99,6 +111,9 @@ def test_killed_grid_resumes_only_its_unfinished_jobs_to_the_uninterrupted_metri
     for job in ("0", "1", "2", "3"):
         got, want = metrics_of(sweep / job), metrics_of(tmp_path / "reference" / job)
         assert {k: got[k] for k in COMPARED} == {k: want[k] for k in COMPARED}, job
+    assert sweep_report.main([str(sweep), "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "sweep_report.csv") as f:
+        assert {r["job"]: r["resume"] for r in csv.DictReader(f)} == launches(sweep)[-1]["jobs"]
     assert resume_s < fresh_s, (resume_s, fresh_s)
     print(f"fresh sweep {fresh_s:.1f} s, resume {resume_s:.1f} s")
 

@@ -1,6 +1,7 @@
 """A Hydra sweeper that lets Optuna choose each trial's hyperparameters (works with Optuna 2.10 to 5.x).
 
     python train.py -m hparams_search=cnn_optuna                            # conf/hparams_search/cnn_optuna.yaml
+    python train.py -m hparams_search=cnn_optuna hydra.sweep.dir=<its sweep dir> +sweep.resume=true   # killed? go on
     python train.py -m hparams_search=cnn_optuna hydra.sweeper.n_trials=50 hydra/launcher=slurm hydra.sweeper.n_jobs=8 \
         hydra.sweeper.storage=sqlite:///cnn.db hydra.sweeper.study_name=cnn   # 8 trials at a time; rerun to resume
 
@@ -16,6 +17,12 @@ Search space, one line per parameter:
 Command-line overrides win over `params` with the same key. Each batch of `n_jobs` trials is handed to the configured
 Hydra launcher at once (one after another locally, in parallel under submitit); a failed trial is told to Optuna as
 FAIL, and the sweep stops once more than `max_failure_rate` x `n_trials` trials have failed.
+
+Resuming (gradlab.sweeps): without a `storage` the study lives in <sweep dir>/optuna.db. `n_trials` is the number of
+finished trials (complete, pruned or failed by themselves) the study ends with, however many processes it took.
+`+sweep.resume=true` marks the trials a dead sweep left RUNNING as FAIL (user attribute "interrupted") and enqueues
+their values first; the retry runs in the dead trial's folder and continues from its checkpoint. A RUNNING trial whose
+job did finish (a SLURM job outlives its sweep) is told the value in its metrics.json instead.
 """
 
 import logging
