@@ -179,3 +179,21 @@ def test_jobs_match_on_overrides_and_a_new_job_never_takes_another_jobs_folder()
     # Folder 3 planned for another job: the job never started takes the next free number.
     other = [{"dir": "3", "overrides": ["a=9"]}]
     assert [d for _, d, _ in plan_jobs(grid, found, other)] == ["0", "2", "1", "4"]
+
+
+def test_a_sweep_without_a_state_file_is_compared_through_its_multirun_yaml(tmp_path):
+    """A sweep started before sweep_state.json existed: Hydra's multirun.yaml holds its overrides and params (with
+    ${...} text kept as written); the flag of an earlier resume is not part of the sweep."""
+    from gradlab.errors import UserError
+    from gradlab.sweeps import check_same_sweep, definition
+
+    overrides = ["model=mlp", "optimizer.lr=0.1,0.01", "+callbacks.x.dir=${paths.output_dir}", "+sweep.resume=true"]
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"sweeper": {"params": {"seed": "1,2"}}, "overrides": {"task": overrides, "hydra": []}}}))
+    same = definition({"seed": "1,2"}, ["optimizer.lr=0.1,0.01", "+callbacks.x.dir=${paths.output_dir}", "model=mlp"])
+    check_same_sweep(str(tmp_path), same)
+    with pytest.raises(UserError) as err:
+        check_same_sweep(str(tmp_path), definition({"seed": "1,2,3"}, overrides[:2]))
+    assert "seed: 1,2 in the sweep, 1,2,3 now" in str(err.value)
+    assert "+callbacks.x.dir: ${paths.output_dir} in the sweep, (not set) now" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun.yaml"]

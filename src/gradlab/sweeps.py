@@ -69,7 +69,7 @@ def resume_overrides(job_dir: str, resumed: bool) -> list[str]:
     """Hydra overrides that put a launched job into `job_dir` (relative to the sweep dir) and, when `resumed`,
     have it continue from its checkpoint. Hydra overrides: not recorded as the job's own."""
     extra = [f"hydra.sweep.subdir={_quoted(job_dir)}"]
-    return extra + ([f"+hydra.job.env_set.{RESUME_ENV}=1"] if resumed else [])
+    return extra + ([f"++hydra.job.env_set.{RESUME_ENV}=1"] if resumed else [])
 
 
 def _quoted(text: str) -> str:
@@ -177,11 +177,16 @@ def recorded_definition(sweep_dir: str) -> Optional[list[str]]:
     multirun = os.path.join(sweep_dir, "multirun.yaml")
     if not os.path.isfile(multirun):
         return None
-    from omegaconf import OmegaConf
+    import yaml  # plain YAML: the recorded overrides may hold ${...} text, which is not to be resolved here
 
-    cfg = OmegaConf.load(multirun)
-    params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or {})
-    return definition(params, split_resume_flag(list(cfg.hydra.overrides.task))[1])
+    try:
+        with open(multirun) as f:
+            hydra = (yaml.safe_load(f) or {}).get("hydra") or {}
+    except (OSError, yaml.YAMLError, AttributeError) as err:
+        raise UserError(f"{multirun} is not the multirun.yaml Hydra wrote ({type(err).__name__}); "
+                        "without it, the sweep's overrides cannot be compared.") from None
+    params = (hydra.get("sweeper") or {}).get("params") or {}
+    return definition(params, split_resume_flag(list((hydra.get("overrides") or {}).get("task") or []))[1])
 
 
 # ---- sweep_state.json ----------------------------------------------------------------------------------------
