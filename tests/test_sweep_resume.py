@@ -197,3 +197,57 @@ def test_a_sweep_without_a_state_file_is_compared_through_its_multirun_yaml(tmp_
     assert "seed: 1,2 in the sweep, 1,2,3 now" in str(err.value)
     assert "+callbacks.x.dir: ${paths.output_dir} in the sweep, (not set) now" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun.yaml"]
+
+
+class Died(BaseException):
+    """The sweep process dying mid-trial (nothing after it runs, as after a SIGKILL)."""
+
+
+def test_optuna_sweeper_counts_finished_trials_retries_the_dead_one_and_proposes_the_same_points(tmp_path):
+    """The sweeper's own loop, with a launcher that scores the overrides at once (no training): 8 trials of seeded
+    TPE, against the same study killed in its 5th trial and resumed by a new sweeper."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.gradlab_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+    class ScoringLauncher:
+        def __init__(self, die_at=None):
+            self.calls, self.die_at = 0, die_at
+
+        def launch(self, batch, initial_job_idx):
+            self.calls += 1
+            if self.calls == self.die_at:
+                raise Died()
+            values = [dict(o.split("=", 1) for o in job if not o.startswith(("hydra.", "++hydra."))) for job in batch]
+            return [JobReturn(overrides=job, status=JobStatus.COMPLETED,
+                              _return_value=-(float(v["lr"]) - 0.3) ** 2 - (float(v["m"]) - 0.6) ** 2)
+                    for job, v in zip(batch, values)]
+
+    def sweeper(sweep_dir, launcher):
+        params = {"lr": "interval(0.0, 1.0)", "m": "interval(0.0, 1.0)"}
+        sampler = {"_target_": "optuna.samplers.TPESampler", "seed": 7, "n_startup_trials": 3}
+        cfg = OmegaConf.create({"optimized_metric": "val/acc", "hydra": {
+            "sweep": {"dir": str(sweep_dir)}, "sweeper": {"sampler": sampler, "params": params},
+            "overrides": {"task": [], "hydra": []}}})
+        made = OptunaSweeper(sampler=optuna.samplers.TPESampler(seed=7), n_trials=8, params=OmegaConf.create(params))
+        made.config, made.launcher, made.sampler_cfg = cfg, launcher, cfg.hydra.sweeper.sampler
+        made.validate_batch_is_legal = lambda batch: None  # no Hydra config loader here
+        return made
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweeper(tmp_path / "reference", ScoringLauncher()).sweep([])
+    with pytest.raises(Died):
+        sweeper(tmp_path / "sweep", ScoringLauncher(die_at=5)).sweep([])
+    sweeper(tmp_path / "sweep", ScoringLauncher()).sweep(["+sweep.resume=true"])
+
+    trials, reference = optuna_trials(tmp_path / "sweep"), optuna_trials(tmp_path / "reference")
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4 + ["FAIL"] + ["COMPLETE"] * 4
+    assert "interrupted" in trials[4].user_attrs and trials[5].user_attrs["retry_of"] == 4
+    assert trials[5].params == trials[4].params
+    finished = [t for t in trials if t.state.name == "COMPLETE"]
+    assert [(t.params, t.value) for t in finished] == [(t.params, t.value) for t in reference]
+    # Trials 4-7 are TPE's (3 random ones first): the modelled points too are the uninterrupted study's.
+    assert len({t.params["lr"] for t in reference}) == 8
+    state = json.loads((tmp_path / "sweep" / "sweep_state.json").read_text())
+    assert [launch["resume"] for launch in state["launches"]] == [False, True]
