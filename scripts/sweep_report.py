@@ -2,16 +2,20 @@
 
     python scripts/sweep_report.py logs/train/multiruns/<time>
     python scripts/sweep_report.py logs/train/multiruns/<time> --metric val/loss     # sorts ascending for losses
+    python scripts/sweep_report.py logs/train/multiruns/<time> --todo               # what is left, and the command
 
 Reads every job's .hydra/overrides.yaml and metrics.json, prints a markdown table and writes sweep_report.csv and
 sweep_report.png into the sweep dir (or --out): the metric against each swept parameter, on a log axis for learning
 rates and for any positive parameter spanning two decades or more; failed jobs are red crosses along the bottom.
-The metric defaults to the sweep's `optimized_metric`.
+The metric defaults to the sweep's `optimized_metric`. A resumed sweep (+sweep.resume=true, gradlab.checkpoints.sweeps) gets a
+`resume` column: what its latest launch did with each job (skipped, resumed from its checkpoint, new), and how often
+SLURM requeued it. `--todo` lists the jobs still to run and prints the command that resumes the sweep.
 """
 
 import argparse
 import csv
 import math
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,7 @@ from typing import Optional
 import yaml
 
 from gradlab.checkpoints.run_dirs import read_metrics, read_overrides
+from gradlab.checkpoints.sweeps import RESUME_KEY, SKIPPED, job_dirs, read_state
 from gradlab.config.cli import fail
 from gradlab.config.rules import METRICS as RUN_METRICS
 from gradlab.errors import UserError
@@ -33,6 +38,7 @@ class Job:
     name: str                                   # the job's dir, relative to the sweep dir ("0", "1", ...)
     values: dict[str, str]                      # override key -> value as written on the command line
     metrics: dict = field(default_factory=dict)
+    resume: Optional[str] = None                # skipped / resumed / new in the sweep's latest launch, if resumed
 
     @property
     def status(self) -> str:
@@ -54,10 +60,25 @@ def read_jobs(sweep_dir: Path) -> list[Job]:
         metrics_file = job_dir / "metrics.json"
         metrics = read_metrics(str(metrics_file)) if metrics_file.exists() else {}
         jobs.append(Job(str(job_dir.relative_to(sweep_dir)), values, metrics))
+    mark_resumed(jobs, read_state(str(sweep_dir)))
     if not jobs:
         raise UserError(f"No jobs under {sweep_dir}: a sweep dir holds one folder per job, each with "
                         ".hydra/overrides.yaml (python train.py -m ... writes them under logs/train/multiruns/).")
     return sorted(jobs, key=lambda j: [int(p) if p.isdigit() else p for p in Path(j.name).parts])
+
+
+def mark_resumed(jobs: list[Job], state: dict) -> None:
+    """Each job's action in the sweep's latest launch, once the sweep has been resumed (a job that launch did not
+    run was finished before it: skipped); SLURM requeues from the job's metrics.json."""
+    launches = state.get("launches") or []
+    if not any(launch.get("resume") for launch in launches):
+        return
+    actions = launches[-1].get("jobs") or {}
+    for job in jobs:
+        job.resume = actions.get(job.name, SKIPPED)
+        requeued = (job.metrics.get("slurm") or {}).get("restart_count") if isinstance(job.metrics, dict) else None
+        if isinstance(requeued, int) and requeued > 0:
+            job.resume += f", requeued {requeued}x"
 
 
 def swept_keys(jobs: list[Job]) -> list[str]:
@@ -86,11 +107,13 @@ def ranked(jobs: list[Job], metric: str, minimize: bool) -> list[Job]:
 
 def table(jobs: list[Job], keys: list[str], metrics: list[str]) -> tuple[list[str], list[list]]:
     failed = any(job.metrics.get("error") for job in jobs)
-    header = ["job", *keys, *metrics, "status", "wall_time_s"] + (["error"] if failed else [])
+    resumed = any(job.resume for job in jobs)
+    header = ["job", *keys, *metrics, "status"] + (["resume"] if resumed else []) + ["wall_time_s"] \
+        + (["error"] if failed else [])
     rows = []
     for job in jobs:
-        row = [job.name, *(job.values.get(k, "") for k in keys), *(job.number(m) for m in metrics),
-               job.status, job.metrics.get("wall_time_s")]
+        row = [job.name, *(job.values.get(k, "") for k in keys), *(job.number(m) for m in metrics), job.status]
+        row += ([job.resume] if resumed else []) + [job.metrics.get("wall_time_s")]
         rows.append(row + ([job.metrics.get("error", "")] if failed else []))
     return header, rows
 
@@ -153,13 +176,78 @@ def plot(jobs: list[Job], keys: list[str], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+def todo(sweep_dir: Path) -> str:
+    """What a resume of the sweep would still run, and the command that resumes it."""
+    state = read_state(str(sweep_dir))
+    found = {j.dir: j for j in job_dirs(str(sweep_dir))}
+    lines = []
+    if state.get("kind") == "optuna":
+        import optuna
+
+        from hydra_plugins.gradlab_optuna_sweeper.optuna_sweeper import finished
+
+        trials = optuna.load_study(study_name=state["study_name"], storage=state["storage"]).trials
+        done = sum(finished(t) for t in trials)
+        lines.append(f"{done} of {state.get('n_trials')} trials finished; {max(0, state.get('n_trials', 0) - done)} to go.")
+        for t in trials:
+            if t.state == optuna.trial.TrialState.RUNNING:
+                job = found.get(str(t.user_attrs.get("job_dir")))
+                where = f"{job.dir}/, from its checkpoint" if job is not None and job.checkpoint else "from the start"
+                lines.append(f"  trial {t.number} was running (or still is): retried first, {where}: {t.params}")
+    else:
+        planned = state.get("jobs") or [{"dir": d, "overrides": j.overrides} for d, j in found.items()]
+        left = 0
+        for job in planned:
+            on_disk = found.get(job["dir"])
+            if on_disk is not None and on_disk.complete:
+                continue
+            left += 1
+            if on_disk is None:
+                what = "not started"
+            elif on_disk.checkpoint:
+                what = "resumes from its checkpoint"
+            else:
+                error = on_disk.metrics.get("error")
+                what = f"starts again (failed: {' '.join(str(error).split())[:100]})" if error else "starts again"
+            lines.append(f"  {job['dir']}: {what}: {' '.join(job['overrides'])}")
+        lines.insert(0, f"{len(planned) - left} of {len(planned)} jobs completed; {left} to run.")
+    command = resume_command(sweep_dir)
+    if "; 0 to " in lines[0]:
+        lines.append("Nothing left to run.")
+    elif command:
+        lines.append(f"Resume with:\n  {command}")
+    return "\n".join(lines)
+
+
+def resume_command(sweep_dir: Path) -> Optional[str]:
+    """The sweep's own command line (from multirun.yaml), pointed at its folder, with +sweep.resume=true."""
+    multirun = sweep_dir / "multirun.yaml"
+    if not multirun.is_file():
+        return None
+    config = yaml.safe_load(multirun.read_text()) or {}
+    overrides = (config.get("hydra") or {}).get("overrides") or {}
+    hydra = [o for o in overrides.get("hydra") or [] if o.split("=", 1)[0] not in ("hydra.mode", "hydra.sweep.dir")]
+    task = [o for o in overrides.get("task") or [] if o.split("=", 1)[0].lstrip("+~") != RESUME_KEY]
+    args = ["-m", *hydra, *task, f"hydra.sweep.dir={sweep_dir}", f"+{RESUME_KEY}=true"]
+    return "python train.py " + " ".join(shlex.quote(a) for a in args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun dir, e.g. logs/train/multiruns/<time>")
     parser.add_argument("--metric", help="the column to sort and plot by (default: the sweep's optimized_metric)")
     parser.add_argument("--mode", choices=("max", "min"), help="default: min for losses, max otherwise")
     parser.add_argument("--out", type=Path, help="where sweep_report.csv/png go (default: the sweep dir)")
+    parser.add_argument("--todo", action="store_true", help="list the jobs still to run, and the resume command")
     args = parser.parse_args(argv)
+    if args.todo:
+        try:
+            if not args.sweep_dir.is_dir():
+                raise UserError(f"{args.sweep_dir} is not a folder. Pass a sweep dir such as logs/train/multiruns/<time>.")
+            print(todo(args.sweep_dir))
+        except UserError as err:
+            fail(str(err))
+        return 0
     try:
         jobs = read_jobs(args.sweep_dir)
         metric = args.metric or sweep_metric(args.sweep_dir)

@@ -140,3 +140,23 @@ class SignalInTest(Callback):
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == self.batch:
             os.kill(os.getpid(), self.signum)
+
+
+class HoldAtStep(Callback):
+    """When $GRADLAB_TEST_HOLD is `<job folder name>:<step>:<marker file>` and this run's folder has that name:
+    after optimizer step `step`, writes the marker file and sleeps, so that a test can kill the whole process
+    group from outside at a known point of a sweep's job. Without the variable it does nothing: the command, and
+    so the sweep's overrides, are the same in the run that is killed and the one that resumes it."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        job, _, rest = os.environ.get("GRADLAB_TEST_HOLD", "").partition(":")
+        step, _, marker = rest.partition(":")
+        if job and os.path.basename(self.output_dir) == job and trainer.global_step == int(step):
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(600)

@@ -219,3 +219,43 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes_to_the_uninterrupted_
     (ref_dir,) = (local / "logs" / "train" / "runs").iterdir()
     assert metrics["steps"] == 30 * 25
     assert training_metrics(metrics) == training_metrics(metrics_of(ref_dir))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_cancelled_array_task_is_the_only_one_resubmitted_when_the_sweep_resumes(slurm, tmp_path):
+    """A 2-task array; task 1 is cancelled after its first epoch and the sweep ends in error once task 0 has
+    finished. The same command plus +sweep.resume=true submits job 1 alone, which goes on from its checkpoint in
+    its folder; job 0 is not submitted again."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *CPU_NODE, *TOY, "trainer.max_epochs=20", "seed=5", f"paths.root_dir={tmp_path}",
+            f"hydra.sweep.dir={sweep}", "optimizer.lr=0.1,0.05"]
+    proc = start_cli(*args, cwd=tmp_path)
+    deadline = time.monotonic() + 540
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (sweep / "1" / "checkpoints" / "epoch_000.ckpt").exists():
+            break
+        time.sleep(0.2)
+    tasks = [p.name for p in (sweep / ".submitit").glob("*_1")]
+    assert len(tasks) == 1, finish(proc).stderr[-3000:]
+    subprocess.run(["scancel", tasks[0]], check=True)
+    first = finish(proc)
+    assert first.returncode != 0  # submitit reports the cancelled task once task 0 has finished
+    assert metrics_of(sweep / "0")["status"] == "completed"
+    assert not (sweep / "1" / "metrics.json").exists() or metrics_of(sweep / "1")["status"] != "completed"
+    job0 = (sweep / "0" / "metrics.json").read_bytes()
+
+    resumed = finish(start_cli(*args, "+sweep.resume=true", cwd=tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    job1 = metrics_of(sweep / "1")
+    assert job1["status"] == "completed" and job1["steps"] == 20 * 25
+    # One job was submitted, job 1, as a new SLURM job; job 0 was not run again (its metrics.json is untouched).
+    launched = [line for line in (resumed.stdout + resumed.stderr).splitlines() if "\t#" in line]
+    assert len(launched) == 1 and "\t#1 : " in launched[0] and "optimizer.lr=0.05" in launched[0], launched
+    assert (sweep / "0" / "metrics.json").read_bytes() == job0
+    new_id = job1["slurm"]["job_id"]
+    assert new_id not in (json.loads(job0)["slurm"]["array_job_id"], json.loads(job0)["slurm"]["job_id"])
+    log = "".join(p.read_text() for p in (sweep / ".submitit").glob(f"{new_id}*/*_log.*"))  # submitit's job logs
+    assert f"Resuming from {sweep / '1' / 'checkpoints'}" in log
+    state = json.loads((sweep / "sweep_state.json").read_text())
+    assert state["launches"][-1]["jobs"] == {"0": "skipped", "1": "resumed"}

@@ -106,10 +106,13 @@ def _reason(err: BaseException) -> str:
 
 def resolve_checkpoint(cfg: DictConfig) -> None:
     """Turn `ckpt_path` (a file, a run folder or `last`) into a file; a resumed training run continues in its folder."""
-    value = cfg.get("ckpt_path")
+    from gradlab.checkpoints.sweeps import resume_checkpoint  # (it imports this module)
+
+    task = str(cfg.get("task_name") or "train")
+    # A job that a resumed sweep launched again continues from the newest checkpoint in its own folder.
+    value = (resume_checkpoint(cfg) if task == "train" else None) or cfg.get("ckpt_path")
     if not value:
         return
-    task = str(cfg.get("task_name") or "train")
     runs = os.path.join(str(cfg.paths.log_dir), "train", "runs")
     if value == "last":
         found = glob.glob(os.path.join(glob.escape(runs), "*", "checkpoints", "last.ckpt"))

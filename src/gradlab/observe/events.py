@@ -8,7 +8,10 @@ where it stopped), so a live run's picture or report costs the new events, not t
 import logging
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+from tensorboard.backend.event_processing.event_accumulator import (
+    SCALARS,
+    EventAccumulator,
+)
 
 from gradlab.errors import UserError
 

@@ -42,7 +42,9 @@ def log_image_png(trainer: pl.Trainer, tag: str, png: bytes, height: int, width:
 
 
 def log_text(trainer: pl.Trainer, tag: str, markdown: str, step: int) -> bool:
-    from torch.utils.tensorboard.summary import text  # TensorBoard's own helper needs TensorFlow
+    from torch.utils.tensorboard.summary import (
+        text,  # TensorBoard's own helper needs TensorFlow
+    )
 
     return log_summary(trainer, text(tag, markdown), step)
 

@@ -1,6 +1,7 @@
 """A Hydra sweeper that lets Optuna choose each trial's hyperparameters (works with Optuna 2.10 to 5.x).
 
     python train.py -m hparams_search=cnn_optuna                            # conf/hparams_search/cnn_optuna.yaml
+    python train.py -m hparams_search=cnn_optuna hydra.sweep.dir=<its sweep dir> +sweep.resume=true   # killed? go on
     python train.py -m hparams_search=cnn_optuna hydra.sweeper.n_trials=50 hydra/launcher=slurm hydra.sweeper.n_jobs=8 \
         hydra.sweeper.storage=sqlite:///cnn.db hydra.sweeper.study_name=cnn   # 8 trials at a time; rerun to resume
 
@@ -16,10 +17,17 @@ Search space, one line per parameter:
 Command-line overrides win over `params` with the same key. Each batch of `n_jobs` trials is handed to the configured
 Hydra launcher at once (one after another locally, in parallel under submitit); a failed trial is told to Optuna as
 FAIL, and the sweep stops once more than `max_failure_rate` x `n_trials` trials have failed.
+
+Resuming (gradlab.checkpoints.sweeps): without a `storage` the study lives in <sweep dir>/optuna.db. `n_trials` is the number of
+finished trials (complete, pruned or failed by themselves) the study ends with, however many processes it took.
+`+sweep.resume=true` marks the trials a dead sweep left RUNNING as FAIL (user attribute "interrupted") and enqueues
+their values first; the retry runs in the dead trial's folder and continues from its checkpoint. A RUNNING trial whose
+job did finish (a SLURM job outlives its sweep) is told the value in its metrics.json instead.
 """
 
 import logging
 import math
+import os
 from typing import Callable, Optional
 
 import optuna
@@ -74,6 +82,31 @@ def _objective(ret: JobReturn) -> Optional[float]:
     return None
 
 
+# A trial whose sweep process died while it ran: marked FAIL with this user attribute, and not counted as finished.
+INTERRUPTED = "interrupted"
+
+
+def finished(trial: optuna.trial.FrozenTrial) -> bool:
+    """Counts towards n_trials: completed, pruned, or failed by itself (not killed with its sweep)."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return trial.state in done and INTERRUPTED not in trial.user_attrs
+
+
+def seeded(sampler_cfg: Optional[DictConfig], ordinal: int) -> Optional[optuna.samplers.BaseSampler]:
+    """The configured sampler, seeded for the trial that is the study's `ordinal`-th counted one; None when the
+    config has no seed. Optuna's samplers keep one random stream per process: a study resumed by a new process
+    would draw its next trials from the start of that stream again (the first new random trial repeats trial 0's
+    values). A fresh sampler per trial, seeded by (seed, ordinal), draws the same whether or not the study stopped
+    in between; what the sampler learns from the study is in the storage, not in the sampler object."""
+    if sampler_cfg is None or sampler_cfg.get("seed") is None:
+        return None
+    import numpy as np
+    from hydra.utils import instantiate
+
+    seed = int(np.random.SeedSequence([int(sampler_cfg.seed), ordinal]).generate_state(1)[0])
+    return instantiate(sampler_cfg, seed=seed)
+
+
 class OptunaSweeper(Sweeper):
     def __init__(self, sampler: Optional[optuna.samplers.BaseSampler] = None, direction: str = "maximize",
                  n_trials: int = 20, n_jobs: int = 1, storage: Optional[str] = None, study_name: Optional[str] = None,
@@ -95,21 +128,66 @@ class OptunaSweeper(Sweeper):
         self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
+        self.sampler_cfg = config.hydra.sweeper.get("sampler")
 
     def sweep(self, arguments: list[str]) -> list[JobReturn]:
+        from gradlab.config.cli import fail
+        from gradlab.errors import UserError
+        from gradlab.run import sweeps
+
+        sweep_dir = str(self.config.hydra.sweep.dir)
+        try:
+            resume, arguments = sweeps.split_resume_flag(list(arguments))
+            definition = sweeps.definition(self.params, arguments)
+            if resume:  # checked before anything is written: a refused resume leaves the sweep dir as it was
+                sweeps.check_same_sweep(sweep_dir, definition)
+                sweeps.check_not_running(sweep_dir)
+            else:
+                sweeps.refuse_to_overwrite(sweep_dir)
+            state = sweeps.read_state(sweep_dir) if resume else {}
+        except UserError as err:
+            fail(str(err))
+        os.makedirs(sweep_dir, exist_ok=True)
+        if not resume:
+            OmegaConf.save(self.config, os.path.join(sweep_dir, "multirun.yaml"))
+        # Without a storage of its own the study lives in the sweep dir, so that the sweep can be resumed.
+        storage = self.storage or state.get("storage") or f"sqlite:///{os.path.abspath(sweep_dir)}/optuna.db"
+        study = optuna.create_study(study_name=self.study_name or state.get("study_name"), storage=storage,
+                                    sampler=self.sampler, direction=self.direction, load_if_exists=True)
+        state.update(kind="optuna", definition=definition, storage=storage, study_name=study.study_name,
+                     n_trials=self.n_trials)
+        launch = sweeps.new_launch(state, resume)
+        sweeps.write_state(sweep_dir, state)
+        retry_dirs = self._recover(study, sweep_dir, launch["jobs"]) if resume else {}
+        sweeps.write_state(sweep_dir, state)
         space = search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                    direction=self.direction, load_if_exists=True)
-        log.info(f"Optuna study {study.study_name!r}: {self.n_trials} trials, {self.direction} the job's return "
-                 f"value, {type(study.sampler).__name__}, storage {self.storage or 'in memory'}")
+        done = sum(finished(t) for t in study.get_trials(deepcopy=False))
+        log.info(f"Optuna study {study.study_name!r}: {done} of {self.n_trials} trials finished, {self.direction} the "
+                 f"job's return value, {type(study.sampler).__name__}, storage {storage}")
+        numbers = [int(j.dir) for j in sweeps.job_dirs(sweep_dir) if j.dir.isdigit()]
+        self.job_idx = max(numbers) + 1 if numbers else 0
         returns: list[JobReturn] = []
-        failed: list[JobReturn] = []
-        while len(returns) < self.n_trials:
-            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - len(returns)))]
-            batch = [self._overrides(trial, space) for trial in trials]
+        failed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)) if finished(t)]
+        while done < self.n_trials:
+            trials, batch, dirs = [], [], []
+            for i in range(min(self.n_jobs, self.n_trials - done)):
+                study.sampler = seeded(self.sampler_cfg, done + i) or study.sampler
+                trial = study.ask()
+                overrides = self._overrides(trial, space)
+                # A retried trial runs again in its folder and continues from its checkpoint there.
+                folder = retry_dirs.pop(sweeps.job_key(overrides), None)
+                if folder is None:
+                    folder, self.job_idx = str(self.job_idx), self.job_idx + 1
+                trial.set_user_attr("job_dir", folder)
+                action = launch["jobs"].get(folder, sweeps.NEW)  # a retry: as _recover found its folder
+                launch["jobs"][folder] = action
+                trials.append(trial)
+                dirs.append(folder)
+                batch.append(overrides + (sweeps.resume_overrides(folder, action == sweeps.RESUMED) if resume else []))
+            sweeps.write_state(sweep_dir, state)
             self.validate_batch_is_legal(batch)
-            results = self.launcher.launch(batch, initial_job_idx=self.job_idx)
-            self.job_idx += len(results)
+            first = dirs[0]
+            results = self.launcher.launch(batch, initial_job_idx=int(first) if first.isdigit() else 0)
             for trial, ret in zip(trials, results):
                 value, params = _objective(ret), dict(trial.params)
                 if value is None:
@@ -120,12 +198,45 @@ class OptunaSweeper(Sweeper):
                     study.tell(trial, value)
                     log.info(f"Trial {trial.number}: {value:.4f} with {params}")
             returns.extend(results)
+            done += len(results)
             if len(failed) > self.max_failure_rate * self.n_trials:
-                log.error(f"{len(failed)} of {len(returns)} trials failed (max_failure_rate={self.max_failure_rate}).")
-                _ = failed[0].return_value  # re-raises the first failure with its traceback
-                raise RuntimeError(f"trial failed: {_failure(failed[0])}")
+                log.error(f"{len(failed)} of {done} trials failed (max_failure_rate={self.max_failure_rate}).")
+                ret = next((r for r in failed if isinstance(r, JobReturn)), None)  # else: failed before a resume
+                if ret is not None:
+                    _ = ret.return_value  # re-raises the first failure with its traceback
+                raise RuntimeError(f"trial failed: {_failure(ret)}" if ret else f"{len(failed)} trials failed")
         self._save_results(study)
         return returns
+
+    def _recover(self, study: optuna.Study, sweep_dir: str, actions: dict) -> dict:
+        """Trials left RUNNING by the sweep process that died. One whose job finished (its metrics.json says
+        completed: under SLURM a job outlives its sweep) is told its value; the others are marked FAIL, with the
+        reason in their user attributes, and their values are enqueued to be tried first. Returns, for those,
+        their folders by overrides: the retry runs there and continues from the checkpoint it finds."""
+        from gradlab.run import sweeps
+
+        jobs = {j.dir: j for j in sweeps.job_dirs(sweep_dir)}
+        metric = self.config.get("optimized_metric")
+        retry: dict = {}
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            job = jobs.get(str(trial.user_attrs.get("job_dir")))
+            value = sweeps.job_value(job.metrics, metric) if job is not None and job.complete else None
+            if value is not None and math.isfinite(value):
+                study.tell(trial.number, value)
+                actions[job.dir] = sweeps.SKIPPED
+                log.info(f"Trial {trial.number} finished while its sweep was down: {value:.4f} (from {job.dir}/)")
+                continue
+            # Optuna has no public setter for the attributes of a trial another process started.
+            reason = "its sweep process died while it ran; its values are retried"
+            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, reason)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            if job is not None:
+                retry[sweeps.job_key(job.overrides)] = job.dir
+                actions[job.dir] = sweeps.RESUMED if job.checkpoint else sweeps.NEW
+            log.warning(f"Trial {trial.number} was interrupted ({job.dir if job else 'no folder'}): marked FAIL, "
+                        f"its values {trial.params} retried first")
+        return retry
 
     def _overrides(self, trial: optuna.Trial, space: dict[str, Suggest]) -> list[str]:
         return [f"{key}={suggest(trial)}" for key, suggest in space.items()]

@@ -43,7 +43,9 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             fail(str(err))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra_plugins.gradlab_slurm_launcher.queue import watch_states_with_squeue_if_no_accounting
+        from hydra_plugins.gradlab_slurm_launcher.queue import (
+            watch_states_with_squeue_if_no_accounting,
+        )
 
         watch_states_with_squeue_if_no_accounting()  # before submitting: jobs register with the watcher then
         return super().launch(job_overrides, initial_job_idx)
