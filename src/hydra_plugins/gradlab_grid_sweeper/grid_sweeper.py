@@ -26,7 +26,7 @@ class GridSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from gradlab.config.cli import fail
         from gradlab.errors import UserError
-        from gradlab.run import sweeps
+        from gradlab.checkpoints import sweeps
 
         sweep_dir = str(self.config.hydra.sweep.dir)
         try:
@@ -84,7 +84,7 @@ def plan_jobs(jobs: list[list[str]], found: list, planned: list[dict]) -> list[t
     """(overrides, folder, action) for every job of the grid: a job found on disk keeps its folder and gets its
     action (skipped, resumed, new); a job never started gets the folder it was planned in, else its number in the
     grid, else the next free number: never a folder that holds another job."""
-    from gradlab.run import sweeps
+    from gradlab.checkpoints import sweeps
 
     on_disk = sweeps.by_overrides(found)
     owner = {j.dir: sweeps.job_key(j.overrides) for j in found}
@@ -106,7 +106,7 @@ def plan_jobs(jobs: list[list[str]], found: list, planned: list[dict]) -> list[t
 
 
 def summary(plan: list[tuple[list[str], str, str]], sweep_dir: str) -> str:
-    from gradlab.run import sweeps
+    from gradlab.checkpoints import sweeps
 
     parts = []
     for action, what in ((sweeps.SKIPPED, "skipped (completed)"), (sweeps.RESUMED, "resumed from their checkpoints"),

@@ -133,7 +133,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> list[JobReturn]:
         from gradlab.config.cli import fail
         from gradlab.errors import UserError
-        from gradlab.run import sweeps
+        from gradlab.checkpoints import sweeps
 
         sweep_dir = str(self.config.hydra.sweep.dir)
         try:
@@ -213,7 +213,7 @@ class OptunaSweeper(Sweeper):
         completed: under SLURM a job outlives its sweep) is told its value; the others are marked FAIL, with the
         reason in their user attributes, and their values are enqueued to be tried first. Returns, for those,
         their folders by overrides: the retry runs there and continues from the checkpoint it finds."""
-        from gradlab.run import sweeps
+        from gradlab.checkpoints import sweeps
 
         jobs = {j.dir: j for j in sweeps.job_dirs(sweep_dir)}
         metric = self.config.get("optimized_metric")
