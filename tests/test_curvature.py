@@ -225,3 +225,14 @@ def test_the_callbacks_reading_is_the_dense_value_on_its_probe_batch():
     assert reading["curv/threshold"] == pytest.approx(3.8 / 0.1)
     assert reading["curv/max_stable_lr"] == pytest.approx(3.8 / exact, rel=1e-4)
     assert set(monitor.final_metrics()) >= {"curv/sharpness", "curv/threshold", "curv/max_stable_lr"}
+
+
+def test_the_report_names_the_steps_above_the_edge_and_the_lr_that_clears_them():
+    from gradlab.observe.health_rules import curvature_findings
+
+    scalars = {"curv/edge": [(0, 0.5), (100, 1.2), (200, 1.5), (300, 0.9)],
+               "curv/max_stable_lr": [(0, 0.2), (100, 0.083), (200, 0.066), (300, 0.11)]}
+    (finding,) = curvature_findings(scalars)
+    assert finding.steps == (100, 200) and "2 of 4 readings" in finding.evidence
+    assert "lower optimizer.lr to <= 0.066" in finding.fix
+    assert curvature_findings({"curv/edge": [(0, 0.5)]}) == []

@@ -261,8 +261,9 @@ def draw_probe(dataset, size: int, seed: int, collate: Callable) -> Any:
     n = len(dataset)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=g)[: min(size, n)].tolist()
-    with fork_all_rng():
-        return collate([dataset[i] for i in idx])
+    with fork_all_rng():  # fetched as torch's DataLoader fetches a batch: __getitems__ where the dataset has it
+        items = dataset.__getitems__(idx) if hasattr(dataset, "__getitems__") else [dataset[i] for i in idx]
+        return collate(items)
 
 
 def layer_groups(module: nn.Module, strip_prefix: str = "") -> tuple[list[str], list[nn.Parameter], list[list[int]]]:
@@ -407,6 +408,26 @@ class CurvatureMonitor(Callback):
             self._said.add(key)
             self._console.print(message, highlight=False)
 
+    def layout_category(self, trainer: pl.Trainer):
+        """The layout's "curvature" charts (gradlab.observe.layout asks every callback for one)."""
+        from tensorboard.plugins.custom_scalar import layout_pb2
+
+        if not self.every_n_steps:
+            return None
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        edge = stability(opt) if opt is not None else None
+        pre = edge is not None and edge.preconditioned
+        charts = [multiline(f"{'preconditioned sharpness λmax(P⁻¹H)' if pre else 'sharpness λmax(H)'} against the "
+                            f"stability threshold {edge.rule if edge else ''}",
+                            [PREFIX + ("precond_sharpness" if pre else "sharpness"), PREFIX + "threshold"]),
+                  multiline("sharpness / threshold (above 1: past the edge of stability)", [PREFIX + "edge"])]
+        if pre:
+            charts.append(multiline("sharpness λmax(H), not preconditioned", [PREFIX + "sharpness"]))
+        if self.trace_probes:
+            charts.append(multiline("Hessian trace per layer (Hutchinson), input layer first",
+                                    [f"{PREFIX}trace/{n}" for n in self.layers]))
+        return layout_pb2.Category(title="curvature", chart=charts)
+
     # -- checkpoints and metrics.json
     def state_dict(self) -> dict[str, Any]:
         # The warm starts and the probe vectors' generator ride along: a resumed run reads what an unbroken one would.
@@ -431,3 +452,9 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def multiline(title: str, tags: list[str]):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=[f"^{t}$" for t in tags]))
