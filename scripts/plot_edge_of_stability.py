@@ -43,8 +43,8 @@ def run(lr: float, steps: int, every: int, iters: int, logs: Path) -> tuple[Path
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.015, 0.0125, 0.01])
-    parser.add_argument("--steps", type=int, default=500, help="GD steps per run")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.04, 0.03])
+    parser.add_argument("--steps", type=int, default=400, help="GD steps per run")
     parser.add_argument("--every", type=int, default=20, help="steps between sharpness readings")
     parser.add_argument("--iters", type=int, default=10, help="Lanczos iterations per reading (warm-started)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "edge_of_stability.png")
