@@ -7,7 +7,7 @@ Each learning rate is one `python train.py experiment=edge_of_stability optimize
 edge_of_stability.yaml: a tanh MLP with square loss on the shipped MNIST sample's training split, one batch a step);
 the script reads curv/sharpness and train/loss back from the runs' event files and draws them, the sharpness
 beside its threshold 2/η. It prints a table: per lr, λ_max at initialization, the step where it first reached 2/η,
-its median afterwards relative to 2/η, the final loss and the wall time.
+its median afterwards relative to 2/η, the final loss and the wall time (the runs go in parallel).
 """
 
 import argparse
@@ -28,33 +28,42 @@ from gradlab.observe.events import read_scalars  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(lr: float, steps: int, every: int, iters: int, logs: Path) -> tuple[Path, float]:
-    start = time.time()
-    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=edge_of_stability", f"optimizer.lr={lr}",
+def command(lr: float, steps: int, every: int, iters: int, logs: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "experiment=edge_of_stability", f"optimizer.lr={lr}",
            f"trainer.max_epochs={steps}", f"callbacks.curvature.every_n_steps={every}",
            f"callbacks.curvature.lanczos_iters={iters}", f"paths.log_dir={logs / str(lr)}", "test=false",
            "callbacks.health=null", "callbacks.progress_bar=null"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=logs)
-    if proc.returncode != 0:
-        raise SystemExit(f"train.py failed for lr={lr}:\n{proc.stderr[-2000:]}")
-    (folder,) = (logs / str(lr) / "train" / "runs").iterdir()
-    return folder, time.time() - start
+
+
+def run_all(lrs: list[float], steps: int, every: int, iters: int, logs: Path) -> list[tuple[Path, float]]:
+    """One train.py per lr, all at once (one thread each): {lr: (run folder, wall seconds)}."""
+    start = time.time()
+    procs = [subprocess.Popen(command(lr, steps, every, iters, logs), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, cwd=logs) for lr in lrs]
+    out = []
+    for lr, proc in zip(lrs, procs):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"train.py failed for lr={lr}:\n{err[-2000:]}")
+        (folder,) = (logs / str(lr) / "train" / "runs").iterdir()
+        out.append((folder, time.time() - start))
+    return out
 
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.05, 0.04, 0.03])
-    parser.add_argument("--steps", type=int, default=400, help="GD steps per run")
-    parser.add_argument("--every", type=int, default=20, help="steps between sharpness readings")
-    parser.add_argument("--iters", type=int, default=10, help="Lanczos iterations per reading (warm-started)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.0667, 0.05])
+    parser.add_argument("--steps", type=int, default=250, help="GD steps per run")
+    parser.add_argument("--every", type=int, default=10, help="steps between sharpness readings")
+    parser.add_argument("--iters", type=int, default=8, help="Lanczos iterations per reading (warm-started)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "edge_of_stability.png")
     args = parser.parse_args(argv)
 
     fig, (ax_loss, ax_sharp) = plt.subplots(1, 2, figsize=(11, 4))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for lr, color in zip(args.lrs, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
-            folder, wall = run(lr, args.steps, args.every, args.iters, Path(tmp))
+        runs = run_all(args.lrs, args.steps, args.every, args.iters, Path(tmp))
+        for lr, (folder, wall), color in zip(args.lrs, runs, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
             s = read_scalars(folder)
             sharp, loss = s["curv/sharpness"], s["train/loss"]
             edge = 2 / lr
