@@ -1,8 +1,8 @@
 """Curvature of the training loss: the sharpness λ_max(H) against its stability threshold, and the Hessian's trace
 per layer.
 
-    python train.py 'callbacks=[default,curvature]'                          # every 100 optimizer steps
-    python train.py 'callbacks=[default,curvature]' callbacks.curvature.every_n_steps=10
+    python train.py 'callbacks=[default,curvature]'                          # every 1000 optimizer steps
+    python train.py 'callbacks=[default,curvature]' callbacks.curvature.every_n_steps=100
     python train.py experiment=edge_of_stability                             # Cohen et al.'s Figure 1, minutes
 
 Tags (a contract, like train/loss):
