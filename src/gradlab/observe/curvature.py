@@ -292,8 +292,8 @@ class CurvatureMonitor(Callback):
     seed: the probe batch's and the probe vectors' own generator.
     """
 
-    def __init__(self, every_n_steps: int = 100, lanczos_iters: int = 20, trace_probes: int = 4,
-                 trace_every_n_steps: Optional[int] = None, probe_size: int = 256, seed: int = 0,
+    def __init__(self, every_n_steps: int = 1000, lanczos_iters: int = 20, trace_probes: int = 4,
+                 trace_every_n_steps: Optional[int] = None, probe_size: int = 64, seed: int = 0,
                  strip_prefix: str = "net."):
         for key, value, low in (("every_n_steps", every_n_steps, 0), ("lanczos_iters", lanczos_iters, 1),
                                 ("trace_probes", trace_probes, 0), ("probe_size", probe_size, 1)):
@@ -455,6 +455,10 @@ class _nothing:
 
 
 def multiline(title: str, tags: list[str]):
+    """A layout chart of exactly these tags (a chart's tags are regular expressions)."""
+    import re
+
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=[f"^{t}$" for t in tags]))
+    return layout_pb2.Chart(title=title,
+                            multiline=layout_pb2.MultilineChartContent(tag=[f"^{re.escape(t)}$" for t in tags]))

@@ -64,7 +64,7 @@ def projections(module: nn.Module, kind: str, a: torch.Tensor, d: torch.Tensor, 
 class GradTestMonitor(Callback):
     """Logs grad_tests/{inner,ortho}/<layer> and /total every `log_every_n_steps` optimizer steps; 0: off."""
 
-    def __init__(self, log_every_n_steps: int = 64, strip_prefix: str = "net."):
+    def __init__(self, log_every_n_steps: int = 128, strip_prefix: str = "net."):
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
             raise UserError(f"callbacks.grad_tests.log_every_n_steps must be an integer >= 0 (0: off), "
                             f"not {log_every_n_steps!r}.")
