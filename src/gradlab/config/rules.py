@@ -24,7 +24,8 @@ from gradlab.errors import UserError
 # The metric names every part of gradlab uses (checkpoint monitors, early stopping, sweeps, the HParams columns,
 # sweep reports), and the prefixes of the instruments' tags (gradlab.observe), which can be monitored too.
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc")
-METRIC_PREFIXES = ("grad_norm/", "param_norm/", "update_ratio/", "act/", "grad_noise/")
+METRIC_PREFIXES = ("grad_norm/", "param_norm/", "update_ratio/", "act/", "grad_noise/", "curv/", "param_dist/", "optim/",
+                   "grad_tests/")
 # "auto" (gradlab.run.precision): bf16-mixed where the CPU or GPU computes bfloat16 natively, else 32-true.
 PRECISIONS = ("64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true",
               "transformer-engine", "transformer-engine-float16", "auto")

@@ -14,6 +14,8 @@ Each finding names the layer, the step range, the evidence and a likely fix; a r
     dead units   a ReLU layer's median dead fraction (second half) is above `dead` (0.5)
     stopped      a weight layer's gradient norm in the last quarter fell below `stopped` (1e-3) times its first
                  quarter's: it no longer learns
+    edge of stability  the sharpness (curv/*, callbacks=[default,curvature]) sat above the optimizer's stability
+                 threshold 2/η ... (curvature_findings)
 Medians over a window keep one noisy logging step from deciding a verdict.
 """
 
@@ -188,6 +190,8 @@ def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None
                                f"gradient norm fell from {early:.2g} (first quarter) to {late:.2g} (last quarter)",
                                "dead or saturated units feed it (see the act/* charts), or the lr schedule hit 0"))
 
+    out += curvature_findings(scalars)
+
     if not out:
         ratio_meds = [_median(s) for n, s in ratios.items() if "weight" in n]
         ratio_meds = [r for r in ratio_meds if math.isfinite(r)]
@@ -202,6 +206,27 @@ def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None
             parts.append("no layer saturated or dead above the thresholds")
         out.append(Finding(HEALTHY, "all", span, "; ".join(parts), "nothing to fix"))
     return report
+
+
+def curvature_findings(scalars: dict[str, Series]) -> list[Finding]:
+    """Readings where the sharpness that counts for the optimizer (λ_max(H), or λ_max(P⁻¹H) for Adam) sat above
+    its stability threshold (curv/edge > 1, gradlab.observe.curvature), with the lr that would have kept it below."""
+    edge = [(s, v) for s, v in scalars.get("curv/edge", []) if math.isfinite(v)]
+    above = [(s, v) for s, v in edge if v > 1]
+    if not above:
+        return []
+    lrs = dict(scalars.get("curv/max_stable_lr", []))
+    bound = min((lrs[s] for s, _ in above if s in lrs and math.isfinite(lrs[s])), default=math.nan)
+    peak_step, peak = max(above, key=lambda p: p[1])
+    pre = "curv/precond_sharpness" in scalars
+    what = "preconditioned sharpness λ_max(P⁻¹H)" if pre else "sharpness λ_max(H)"
+    threshold = "(2+2β₁)/(η(1−β₁))" if pre else "2/η ((2+2β)/η with momentum)"
+    fix = (f"lower optimizer.lr to <= {bound:.3g} (the largest lr whose threshold clears the sharpness measured "
+           "there), or warm it up (scheduler=onecycle); full-batch GD hovers at the edge by itself (Cohen et al. "
+           "2021): the loss then falls non-monotonically") if math.isfinite(bound) else "lower optimizer.lr"
+    return [Finding("edge of stability", "all", (above[0][0], above[-1][0]),
+                    f"{what} above its threshold {threshold} at {len(above)} of {len(edge)} readings, up to "
+                    f"{peak:.3g}x the threshold at step {peak_step}", fix)]
 
 
 def _family(scalars: dict[str, Series], prefix: str, exclude: tuple[str, ...] = ()) -> dict[str, Series]:

@@ -94,6 +94,9 @@ class TensorBoardLayout(Callback):
                   for n, p in pl_module.named_parameters() if p.requires_grad] if grads else []
         self.layout = build_layout(params, acts.layers if acts else [], log10=grads.log10 if grads else True,
                                    update_ratio=grads.update_ratio if grads else False)
+        # Instruments that bring charts of their own (curvature, optimizer state) add a category each.
+        self.layout.category.extend(c for cb in trainer.callbacks if hasattr(cb, "layout_category")
+                                    for c in [cb.layout_category(trainer)] if c is not None)
         if trainer.is_global_zero:
             log_layout(trainer, self.layout, trainer.global_step)
 
