@@ -1,0 +1,71 @@
+"""The GRADIENTS tab: a TensorBoard plugin, found through the `tensorboard_plugins` entry point (pyproject.toml).
+
+    tensorboard --logdir logs          # then the GRADIENTS tab, next to SCALARS
+
+Routes, under /data/plugin/gradients/:
+    /runs                      [{"run", "healthy"}] of the gradlab runs under the logdir
+    /data?run=&buckets=&lo=&hi=  one run's families, downsampled to `buckets` points per series (min and max per
+                               bucket), over steps [lo, hi]; its health report (health.json, or the rules on a live
+                               run's scalars so far) and which charts each verdict is drawn on
+    /static/<file>             the frontend: index.js, style.css and the vendored uPlot (scripts/vendor_uplot.sh)
+Only files of static/ are served, and only runs of the listing: anything else (`../`, an absolute path) is a 404.
+"""
+
+import mimetypes
+import posixpath
+from pathlib import Path
+
+from werkzeug import wrappers
+
+from tensorboard.backend import http_util
+from tensorboard.plugins import base_plugin
+
+from gradlab_tensorboard.data import Runs
+
+STATIC = Path(__file__).parent / "static"
+MAX_BUCKETS = 4000  # a chart is never wider than this many pixels
+
+
+class GradientsPlugin(base_plugin.TBPlugin):
+    plugin_name = "gradients"
+
+    def __init__(self, context: base_plugin.TBContext):
+        self.runs = Runs(context.logdir)
+
+    def get_plugin_apps(self):
+        return {"/runs": self._serve_runs, "/data": self._serve_data, "/static/*": self._serve_static}
+
+    def is_active(self) -> bool:
+        return bool(self.runs.listing())
+
+    def frontend_metadata(self):
+        return base_plugin.FrontendMetadata(es_module_path="/static/index.js", tab_name="GRADIENTS")
+
+    @wrappers.Request.application
+    def _serve_runs(self, request):
+        body = []
+        for name, run in self.runs.listing().items():
+            health = run.health()
+            body.append({"run": name, "healthy": None if health is None else health["healthy"]})
+        return http_util.Respond(request, body, "application/json")
+
+    @wrappers.Request.application
+    def _serve_data(self, request):
+        run = self.runs.get(request.args.get("run"))
+        if run is None:
+            return http_util.Respond(request, "no such gradlab run under the logdir", "text/plain", code=404)
+        try:
+            buckets = min(MAX_BUCKETS, max(10, int(request.args.get("buckets", 1000))))
+            lo, hi = (float(request.args[k]) if request.args.get(k) else None for k in ("lo", "hi"))
+        except ValueError:
+            return http_util.Respond(request, "buckets, lo and hi are numbers", "text/plain", code=400)
+        return http_util.Respond(request, run.view(lo, hi, buckets), "application/json")
+
+    @wrappers.Request.application
+    def _serve_static(self, request):
+        name = request.path.split("/static/", 1)[1]
+        path = (STATIC / posixpath.normpath(name)).resolve()
+        if name.startswith("/") or ".." in name.split("/") or path.parent != STATIC.resolve() or not path.is_file():
+            return http_util.Respond(request, "not found", "text/plain", code=404)
+        mimetype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return http_util.Respond(request, path.read_bytes(), mimetype)
