@@ -3,6 +3,7 @@ layer order is the model's parameter order, values equal the event files' (read 
 downsampling keeps a planted spike, a live run's new steps arrive, path traversal is refused; the entry point;
 RunReader's incremental reading against a fresh read."""
 
+import base64
 import http.client
 import importlib
 import json
@@ -138,8 +139,11 @@ def get_json(port: int, route: str, **params):
 
 
 def family(view: dict, key: str) -> dict[str, dict[int, float]]:
+    """{layer: {step: value}} of one family, decoded from the route's base64 columns (float64 steps, float32 values)."""
     (fam,) = [f for f in view["families"] if f["key"] == key]
-    return {s["layer"]: dict(zip(s["steps"], s["values"])) for s in fam["series"]}
+    column = lambda text, dtype: np.frombuffer(base64.b64decode(text), dtype).tolist()  # noqa: E731
+    return {s["layer"]: dict(zip(map(int, column(s["steps"], "<f8")), column(s["values"], "<f4")))
+            for s in fam["series"]}
 
 
 def test_tab_is_listed_and_its_frontend_served(server):
@@ -171,7 +175,7 @@ def test_layer_order_is_the_parameter_order_and_values_equal_the_event_files(ser
         series = family(view, key)
         assert list(series) == params, key  # input layer first, as model.named_parameters()
         for layer, points in series.items():
-            assert points == raw[prefix + layer]  # float32 in the file, exactly the same float in the JSON
+            assert points == raw[prefix + layer]  # float32 in the file and in the route: the same number
     acts = family(view, "act_dead")
     assert acts and all(points == raw[f"act/dead/{layer}"] for layer, points in acts.items())
     assert view["health"] == {**json.loads((root / "cnn" / "health.json").read_text()), "source": "health.json"}

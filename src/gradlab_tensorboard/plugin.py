@@ -4,8 +4,8 @@
 
 Routes, under /data/plugin/gradients/:
     /runs                      [{"run", "healthy"}] of the gradlab runs under the logdir
-    /data?run=&buckets=&lo=&hi=  one run's families, downsampled to `buckets` points per series (min and max per
-                               bucket), over steps [lo, hi]; its health report (health.json, or the rules on a live
+    /data?run=&buckets=&lo=&hi=  one run's families over steps [lo, hi], downsampled to `buckets` buckets per series
+                               (min and max of each), steps and values as base64 float64/float32 columns; its health report (health.json, or the rules on a live
                                run's scalars so far) and which charts each verdict is drawn on
     /static/<file>             the frontend: index.js, style.css and the vendored uPlot (scripts/vendor_uplot.sh)
 Only files of static/ are served, and only runs of the listing: anything else (`../`, an absolute path) is a 404.

@@ -91,11 +91,28 @@ async function refresh() {
   };
   const t0 = performance.now();
   const views = await Promise.all(state.selected.map((run) => getJSON(q(run))));
+  for (const v of views) for (const f of v.families) for (const s of f.series) decodeSeries(s);
+  const t1 = performance.now();
   state.views = Object.fromEntries(views.map((v) => [v.run, v]));
   drawReport(views);
   drawColumns(views, width);
+  state.fetchMs = t1 - t0;
+  state.drawMs = performance.now() - t1;
   state.renderMs = performance.now() - t0;
   document.body.dataset.rendered = String(Date.now());
+}
+
+// The backend sends each series as base64 columns (steps float64, values float32, little-endian): arrays here,
+// NaN and inf as null (a gap in the line).
+function column(b64, Type) {
+  const bin = atob(b64), bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  return new Type(bytes.buffer);
+}
+
+function decodeSeries(s) {
+  s.steps = Array.from(column(s.steps, Float64Array));
+  s.values = Array.from(column(s.values, Float32Array), (v) => Number.isFinite(v) ? v : null);
 }
 
 function findings(view) {
