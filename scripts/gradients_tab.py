@@ -24,7 +24,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @contextlib.contextmanager
-def tensorboard(logdir: Path):
+def tensorboard(logdir: Path, timeout: float = 90):
     """TensorBoard with the GRADIENTS tab (python -m gradlab_tensorboard) on a free loopback port: its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,7 +34,7 @@ def tensorboard(logdir: Path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 with urllib.request.urlopen(f"{base}/data/plugins_listing", timeout=5):

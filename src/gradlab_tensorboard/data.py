@@ -14,10 +14,15 @@ from typing import Optional
 
 import numpy as np
 
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
+
 from gradlab.events import RunReader
 from gradlab.health import _json_safe, diagnose  # _json_safe: health.json's NaN policy
 
 EVENTS = "events.out.tfevents."
+TAGS = ("grad_norm/", "act/", "grad_noise/")  # a run holding any of these is a gradlab run
+PEEK = 5000  # event records read from the start of a file to find out: the instruments log from the first steps
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class Run:
         self.reader = RunReader(folder)
         self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._provisional: Optional[dict] = None  # the rules on the scalars so far, until something new arrives
+        self._gradlab = False
 
     def refresh(self) -> None:
         changed = self.reader.update()
@@ -103,18 +109,29 @@ class Run:
 
     @property
     def is_gradlab(self) -> bool:
-        return any(t.startswith(("grad_norm/", "act/", "grad_noise/")) for t in self.arrays)
+        """Whether the run's events hold gradlab's tags: what was read, else a peek at the files' first records
+        (cheap: TensorBoard asks on every reload whether the tab has data, before anyone opens it)."""
+        if not self._gradlab:
+            self._gradlab = any(t.startswith(TAGS) for t in self.arrays) or _peek(self.folder)
+        return self._gradlab
 
-    def health(self) -> Optional[dict]:
-        """health.json of the run (beside the event folder or one above it, inside the logdir); for a live run,
-        without one yet, the same rules on what was logged so far, marked provisional."""
+    def saved_health(self) -> Optional[dict]:
+        """health.json of the run (beside the event folder or one above it, inside the logdir); None without."""
         for folder in (self.folder, self.folder.parent):
             path = folder / "health.json"
             if folder.resolve().is_relative_to(self.logdir.resolve()) and path.is_file():
                 try:
                     return {**json.loads(path.read_text()), "source": "health.json"}
                 except (OSError, ValueError):
-                    break  # half-written: judge the scalars instead
+                    return None  # half-written
+        return None
+
+    def health(self) -> Optional[dict]:
+        """health.json of the run (beside the event folder or one above it, inside the logdir); for a live run,
+        without one yet, the same rules on what was logged so far, marked provisional."""
+        saved = self.saved_health()
+        if saved is not None:
+            return saved
         if not any(t.startswith("grad_norm/") for t in self.arrays):
             return None
         if self._provisional is None:
@@ -156,6 +173,20 @@ def _b64(values: np.ndarray, dtype: str) -> str:
     return base64.b64encode(np.asarray(values, dtype=dtype).tobytes()).decode("ascii")
 
 
+def _peek(folder: Path) -> bool:
+    """Whether the first PEEK records of the folder's event files hold one of gradlab's tags."""
+    for path in sorted(folder.glob(EVENTS + "*")):
+        try:
+            for i, record in enumerate(RawEventFileLoader(str(path)).Load()):
+                if i >= PEEK:
+                    break
+                if any(v.tag.startswith(TAGS) for v in Event.FromString(record).summary.value):
+                    return True
+        except Exception:  # a truncated or foreign file: not ours to judge
+            continue
+    return False
+
+
 class Runs:
     """The gradlab runs under one logdir, found by walking it for event files; readers kept between requests."""
 
@@ -175,11 +206,9 @@ class Runs:
         return found
 
     def listing(self) -> dict[str, Run]:
-        """{name: run} of every folder under the logdir whose events hold gradlab's tags, by name."""
-        found = self._walk()
-        for run in found.values():
-            run.refresh()
-        return {name: run for name, run in sorted(found.items()) if run.is_gradlab}
+        """{name: run} of every folder under the logdir whose events hold gradlab's tags, by name; nothing read
+        beyond a peek at each file's start (a run is read when it is shown)."""
+        return {name: run for name, run in sorted(self._walk().items()) if run.is_gradlab}
 
     def get(self, name: Optional[str]) -> Optional[Run]:
         """The run called `name` in the listing; None for any other string (`../x`, `/etc`, ...)."""

@@ -3,7 +3,8 @@
     tensorboard --logdir logs          # then the GRADIENTS tab, next to SCALARS
 
 Routes, under /data/plugin/gradients/:
-    /runs                      [{"run", "healthy"}] of the gradlab runs under the logdir
+    /runs                      [{"run", "healthy"}] of the gradlab runs under the logdir (healthy: from health.json,
+                               null before the run has one)
     /data?run=&buckets=&lo=&hi=  one run's families over steps [lo, hi], downsampled to `buckets` buckets per series
                                (min and max of each), steps and values as base64 float64/float32 columns; its health report (health.json, or the rules on a live
                                run's scalars so far) and which charts each verdict is drawn on
@@ -45,7 +46,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
     def _serve_runs(self, request):
         body = []
         for name, run in self.runs.listing().items():
-            health = run.health()
+            health = run.saved_health()  # a run without health.json is judged when it is shown
             body.append({"run": name, "healthy": None if health is None else health["healthy"]})
         return http_util.Respond(request, body, "application/json")
 

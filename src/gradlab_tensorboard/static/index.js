@@ -175,6 +175,7 @@ function sharedRanges(views) {
   return {x: [xmin, xmax === xmin ? xmin + 1 : xmax], y};
 }
 
+// One row per family, one cell per run: side-by-side charts line up, on the same axes.
 function drawColumns(views, width) {
   for (const c of state.charts) c.destroy();
   state.charts = [];
@@ -182,12 +183,25 @@ function drawColumns(views, width) {
   const columns = document.getElementById('columns');
   columns.replaceChildren();
   const shared = sharedRanges(views);
+  const keys = [...new Set(views.flatMap((v) => v.families.map((f) => f.key)))];
+  const order = views.length ? views[0].families.map((f) => f.key) : [];
+  keys.sort((a, b) => (order.indexOf(a) + 1 || 99) - (order.indexOf(b) + 1 || 99));
+  const row = (key) => {
+    const r = el('div', {class: 'row', 'data-family': key});
+    columns.append(r);
+    return r;
+  };
+  const heat = row('heatmap');
   for (const v of views) {
-    const col = el('div', {class: 'column', 'data-run': v.run});
-    columns.append(col);
     const grad = v.families.find((f) => f.key === 'grad_norm');
-    if (grad) col.append(heatmap(v, grad, width));
-    for (const fam of v.families) col.append(chart(v, fam, width, shared));
+    heat.append(el('div', {class: 'column', 'data-run': v.run}, grad ? heatmap(v, grad, width, shared.y.grad_norm) : ''));
+  }
+  for (const key of keys) {
+    const r = row(key);
+    for (const v of views) {
+      const fam = v.families.find((f) => f.key === key);
+      r.append(el('div', {class: 'column', 'data-run': v.run}, fam ? chart(v, fam, width, shared) : ''));
+    }
   }
 }
 
@@ -312,7 +326,7 @@ function zoomTo(lo, hi) {
 // ---------------------------------------------------------------------------------------------------------------
 // The gradient-flow heat map: layers (input on top) x step buckets, log colour; hover names layer, step, value.
 
-function heatmap(view, fam, width) {
+function heatmap(view, fam, width, range) {
   const rows = fam.series.length;
   const [lo, hi] = state.range || view.range;
   const cols = Math.max(1, Math.min(width - 130, 1000, hi - lo + 1));  // a column per step while they fit
@@ -331,8 +345,9 @@ function heatmap(view, fam, width) {
     for (let k = 1; k < last; k++) if (row[k] == null) row[k] = row[k - 1];
     return row;
   });
-  let vmin = Infinity, vmax = -Infinity;
-  for (const row of cells) for (const c of row) if (c) { vmin = Math.min(vmin, c.v); vmax = Math.max(vmax, c.v); }
+  // the colour scale: shared by the runs shown side by side (their grad_norm charts' y range)
+  let [vmin, vmax] = range && range[0] < Infinity ? range : [Infinity, -Infinity];
+  if (!range) for (const row of cells) for (const c of row) if (c) { vmin = Math.min(vmin, c.v); vmax = Math.max(vmax, c.v); }
   const lmin = Math.log10(vmin), lrange = Math.max(1e-12, Math.log10(vmax) - lmin);
   const rowH = Math.max(3, Math.min(18, Math.floor(360 / rows)));
   const canvas = el('canvas', {width: cols, height: rows * rowH, class: 'heat',
