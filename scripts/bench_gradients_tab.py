@@ -64,7 +64,7 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         write_run(logdir / "big", args.layers, args.steps)
         rows.append(("write the run's events (not the tab)", time.perf_counter() - t))
-        with tab.tensorboard(logdir, timeout=900) as base:
+        with tab.tensorboard(logdir, timeout=900, load_fast="auto") as base:
             url = f"{base}/data/plugin/gradients/data?run=big&buckets=1200"
             t = time.perf_counter()
             with urllib.request.urlopen(url, timeout=600) as r:

@@ -24,13 +24,16 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @contextlib.contextmanager
-def tensorboard(logdir: Path, timeout: float = 90):
-    """TensorBoard with the GRADIENTS tab (python -m gradlab_tensorboard) on a free loopback port: its base URL."""
+def tensorboard(logdir: Path, timeout: float = 90, load_fast: str = "false"):
+    """TensorBoard with the GRADIENTS tab (python -m gradlab_tensorboard) on a free loopback port: its base URL.
+
+    load_fast: TensorBoard's own loader for its built-in tabs ("false": in Python, in its server process; "auto":
+    its Rust data server, in a process of its own). The GRADIENTS tab reads through gradlab.events either way."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "gradlab_tensorboard", "--logdir", str(logdir), "--host",
-                             "127.0.0.1", "--port", str(port), "--load_fast=false", "--reload_interval", "1"],
+                             "127.0.0.1", "--port", str(port), f"--load_fast={load_fast}", "--reload_interval", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -95,6 +95,7 @@ class Run:
         self.name, self.folder, self.logdir = name, folder, logdir
         self.reader = RunReader(folder)
         self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._converted: dict[str, tuple[list, int]] = {}  # tag -> (the reader's list, points converted)
         self._provisional: Optional[dict] = None  # the rules on the scalars so far, until something new arrives
         self._gradlab = False
 
@@ -104,8 +105,14 @@ class Run:
             self._provisional = None
         for tag in (t for t in self.reader.series if t in changed):  # the run's tag order: input layer first
             series = self.reader.series[tag]
-            self.arrays[tag] = (np.fromiter((s for s, _ in series), np.int64, len(series)),
-                                np.fromiter((v for _, v in series), np.float64, len(series)))
+            held, done = self._converted.get(tag, (None, 0))
+            new = series[done:] if held is series else series  # the reader appended in place: convert the tail
+            steps = np.fromiter((s for s, _ in new), np.int64, len(new))
+            values = np.fromiter((v for _, v in new), np.float64, len(new))
+            if held is series:
+                steps, values = np.concatenate([self.arrays[tag][0], steps]), np.concatenate([self.arrays[tag][1], values])
+            self.arrays[tag] = (steps, values)
+            self._converted[tag] = (series, len(series))
 
     @property
     def is_gradlab(self) -> bool:

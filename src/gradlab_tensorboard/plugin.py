@@ -12,8 +12,10 @@ Routes, under /data/plugin/gradients/:
 Only files of static/ are served, and only runs of the listing: anything else (`../`, an absolute path) is a 404.
 """
 
+import math
 import mimetypes
 import posixpath
+import threading
 from pathlib import Path
 
 from werkzeug import wrappers
@@ -32,12 +34,14 @@ class GradientsPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext):
         self.runs = Runs(context.logdir)
+        self._lock = threading.Lock()  # TensorBoard serves requests on threads; a run's reader is not thread-safe
 
     def get_plugin_apps(self):
         return {"/runs": self._serve_runs, "/data": self._serve_data, "/static/*": self._serve_static}
 
     def is_active(self) -> bool:
-        return bool(self.runs.listing())
+        with self._lock:
+            return bool(self.runs.listing())
 
     def frontend_metadata(self):
         return base_plugin.FrontendMetadata(es_module_path="/static/index.js", tab_name="GRADIENTS")
@@ -45,22 +49,27 @@ class GradientsPlugin(base_plugin.TBPlugin):
     @wrappers.Request.application
     def _serve_runs(self, request):
         body = []
-        for name, run in self.runs.listing().items():
-            health = run.saved_health()  # a run without health.json is judged when it is shown
-            body.append({"run": name, "healthy": None if health is None else health["healthy"]})
+        with self._lock:
+            for name, run in self.runs.listing().items():
+                health = run.saved_health()  # a run without health.json is judged when it is shown
+                body.append({"run": name, "healthy": None if health is None else health["healthy"]})
         return http_util.Respond(request, body, "application/json")
 
     @wrappers.Request.application
     def _serve_data(self, request):
-        run = self.runs.get(request.args.get("run"))
-        if run is None:
-            return http_util.Respond(request, "no such gradlab run under the logdir", "text/plain", code=404)
         try:
             buckets = min(MAX_BUCKETS, max(10, int(request.args.get("buckets", 1000))))
             lo, hi = (float(request.args[k]) if request.args.get(k) else None for k in ("lo", "hi"))
+            if not all(math.isfinite(x) for x in (lo, hi) if x is not None):
+                raise ValueError
         except ValueError:
-            return http_util.Respond(request, "buckets, lo and hi are numbers", "text/plain", code=400)
-        return http_util.Respond(request, run.view(lo, hi, buckets), "application/json")
+            return http_util.Respond(request, "buckets, lo and hi are finite numbers", "text/plain", code=400)
+        with self._lock:
+            run = self.runs.get(request.args.get("run"))
+            if run is None:
+                return http_util.Respond(request, "no such gradlab run under the logdir", "text/plain", code=404)
+            view = run.view(lo, hi, buckets)
+        return http_util.Respond(request, view, "application/json")
 
     @wrappers.Request.application
     def _serve_static(self, request):
