@@ -108,6 +108,27 @@ def test_tab_in_a_real_browser(logdir, tmp_path):
             assert tip.text.startswith(layer) and f"step {step}" in tip.text
         tab.screenshot(driver, tmp_path / "cnn_hover.png")
 
+        # A click on a legend entry isolates its layer, a second click brings every layer back.
+        item = driver.find_element(By.CSS_SELECTOR, ".chart[data-family=grad_norm] .legend .item[data-layer='fc1.weight']")
+        shown = f"return {CHART.format(run=cnn, family='grad_norm')}.series.slice(1).map((s) => s.show)"
+        item.click()
+        assert driver.execute_script(shown) == [name == "fc1.weight" for name in names]
+        item.click()
+        assert all(driver.execute_script(shown))
+
+        # Dragging across the heat map from step 3 to step 9 zooms every chart of the tab to those steps.
+        before = driver.execute_script("return document.body.dataset.rendered")
+        x3, x9 = ((s - step_lo + 0.5) / heat["cols"] * size["width"] - size["width"] / 2 for s in (3, 9))
+        (ActionChains(driver).move_to_element_with_offset(canvas, round(x3), 0).click_and_hold()
+         .move_to_element_with_offset(canvas, round(x9), 0).release().perform())
+        tab.wait(driver, f"document.body.dataset.rendered !== {before!r}")
+        assert driver.execute_script("return window.gradients.range") == [3, 9]
+        scales = driver.execute_script("return window.gradients.charts.map((u) => [u.scales.x.min, u.scales.x.max])")
+        assert scales and all(x == [3, 9] for x in scales)
+        before = driver.execute_script("return document.body.dataset.rendered")
+        driver.find_element(By.ID, "reset-zoom").click()
+        tab.wait(driver, f"document.body.dataset.rendered !== {before!r}")
+
         # The sigmoid run beside it: its vanishing verdict on its gradient-norm chart, none on the healthy CNN.
         tab.select_runs(driver, [cnn, sig])
         assert driver.execute_script("return window.gradients.selected") == [cnn, sig]
