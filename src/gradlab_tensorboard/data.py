@@ -16,9 +16,11 @@ import numpy as np
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
 
+from gradlab.checkpoints.files import (
+    strict_json,  # health.json's NaN policy, for the live report too
+)
 from gradlab.observe.events import RunReader
-from gradlab.observe.health_rules import (  # _json_safe: health.json's NaN policy
-    _json_safe,
+from gradlab.observe.health_rules import (
     diagnose,
 )
 
@@ -150,7 +152,7 @@ class Run:
             return None
         if self._provisional is None:
             report = diagnose(self.reader.series)
-            self._provisional = {**_json_safe(report.to_dict()), "source": "provisional"}
+            self._provisional = {**strict_json(report.to_dict()), "source": "provisional"}
         return self._provisional
 
     def view(self, lo: Optional[float], hi: Optional[float], buckets: int) -> dict:

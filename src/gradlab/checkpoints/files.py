@@ -6,14 +6,11 @@ import math
 import os
 
 
-def write_json(path, data: dict) -> None:
-    """The one JSON writer of a run's files (metrics.json, health.json, lr_find.json): written beside the target,
-    then swapped in, so a reader never sees half a file.
-
-    NaN and inf are not JSON (json.dump would write NaN/Infinity, which strict parsers reject). The one policy: such
-    a value is written as null and named, with its value, under a top-level "nonfinite" map, keyed by its path:
-    {"train/loss": null, ..., "nonfinite": {"train/loss": "inf", "findings.0.value": "nan"}}.
-    """
+def strict_json(data: dict) -> dict:
+    """`data` as strict JSON takes it, by the one NaN policy: NaN and inf are not JSON (json.dump would write
+    NaN/Infinity, which strict parsers reject), so such a value becomes null and is named, with its value, under a
+    top-level "nonfinite" map keyed by its path:
+    {"train/loss": null, ..., "nonfinite": {"train/loss": "inf", "findings.0.value": "nan"}}."""
     bad: dict[str, str] = {}
 
     def finite(value, where: str):
@@ -27,8 +24,13 @@ def write_json(path, data: dict) -> None:
         return value
 
     data = finite(data, "")
-    if bad:
-        data = {**data, "nonfinite": bad}
+    return {**data, "nonfinite": bad} if bad else data
+
+
+def write_json(path, data: dict) -> None:
+    """The one JSON writer of a run's files (metrics.json, health.json, lr_find.json), by the one NaN policy
+    (`strict_json`): written beside the target, then swapped in, so a reader never sees half a file."""
+    data = strict_json(data)
     path = str(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
