@@ -56,9 +56,9 @@ def training_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in NOT_TRAINING and not k.endswith("_per_sec")}
 
 
-def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+def start_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
     """train.py in the background, as run_cli runs it (same Python, environment and PYTHONPATH)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

@@ -17,6 +17,7 @@ from gradlab.ddp import ddp_children_join_this_job
 from gradlab.hparams import log_hparams
 from gradlab.job_record import slurm_ids
 from gradlab.precision import resolve as resolve_precision
+from gradlab.ranks import RanksAgree
 from gradlab.reporting import print_results
 from gradlab.trackers import log_config, record_results
 from gradlab.tune import log_lr_find, lr_find
@@ -76,7 +77,8 @@ def _run(cfg: DictConfig) -> Optional[float]:
             module = build_module(cfg)
     # The whole resolved config rides in every checkpoint, so eval/predict can rebuild the model.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    # Distributed: each rank states its run dir, seed and shard, and all must agree (nothing when on one process)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RanksAgree(output_dir(cfg), cfg.seed)]
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     log_config(loggers, cfg)  # MLflow params / W&B config: the whole resolved config
