@@ -8,10 +8,12 @@ The cluster is found through SLURM_CONF=/tmp/gradlab-slurm2/slurm.conf (beside t
 traffic between the ranks crosses a veth pair and a bridge, as it would cross a switch.
 """
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,116 @@ def test_ddp_across_two_nodes_equals_one_node_two_processes_and_each_sweep_job_h
         masters.append(ranks["0"][2])
     # MASTER_ADDR is the job's first node; the port comes from the job id, so two jobs running at once differ
     assert masters[0] != masters[1] and all(m.split(":")[0] in ("n1", "n2") for m in masters)
+
+
+# ---- a job that can never start, one that is cancelled: no cluster needed for the rules -----------------------
+def test_pending_reasons_that_never_clear_are_told_from_those_that_do():
+    from gradlab.slurm_queue import never_clears
+
+    for reason in ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+                   "ReqNodeNotAvail, UnavailableNodes:n2", "AssocMaxCpuPerJobLimit", "QOSMaxNodePerJobLimit"):
+        assert never_clears(reason), reason
+    for reason in ("Priority", "Resources", "BeginTime", "JobHeldUser", "AssocGrpCpuLimit", "AssocMaxJobsLimit",
+                   "None", ""):
+        assert never_clears(reason) is None, reason
+
+
+class _Job:
+    """What wait_for uses of a submitit Job: its id, done(), its result file and results()."""
+
+    def __init__(self, job_id: str, done_at: int, tmp_path: Path, result=None):
+        self.job_id, self.done_at, self.polls, self.result = job_id, done_at, 0, result
+        self.paths = type("Paths", (), {"result_pickle": tmp_path / f"{job_id}_result.pkl"})()
+
+    def done(self):
+        self.polls += 1
+        return self.polls >= self.done_at
+
+    def results(self):
+        return [self.result]
+
+
+def test_waiting_prints_pending_reasons_every_few_minutes_and_records_a_cancelled_job(tmp_path, caplog):
+    """Job 7_0 pends (Resources) for 5 fake minutes, then completes; 7_1 is cancelled from outside at once."""
+    import logging
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from gradlab.slurm_queue import JobCancelled, wait_for
+
+    now = [0.0]
+    done = JobReturn(overrides=["optimizer.lr=0.1"], status=JobStatus.COMPLETED, _return_value=0.9)
+    jobs = [_Job("7_0", done_at=6, tmp_path=tmp_path, result=done), _Job("7_1", done_at=1, tmp_path=tmp_path)]
+    jobs[0].paths.result_pickle.write_text("")  # its result file exists once done
+
+    class Watcher:
+        def get_info(self, job_id, mode):
+            if job_id == "7_1":
+                return {"State": "CANCELLED", "Reason": "None"}
+            return {"State": "PENDING" if now[0] < 300 else "RUNNING", "Reason": "Resources"}
+
+    def sleep(_):
+        now[0] += 60.0
+
+    run_dirs = [tmp_path / "0", tmp_path / "1"]
+    with caplog.at_level(logging.INFO, logger="gradlab.slurm_queue"):
+        results = wait_for(jobs, [["optimizer.lr=0.1"], ["optimizer.lr=0.01"]], Watcher(), run_dirs,
+                           status_every_s=180, clock=lambda: now[0], sleep=sleep)
+    lines = [r.getMessage() for r in caplog.records]
+    # one status line after 3 fake minutes (not every poll); none once nothing pends
+    assert [line for line in lines if line.startswith("SLURM sweep:")] == [
+        "SLURM sweep: 1 job(s) pending (1 Resources), 0 running, 1 done"]
+    assert sum("SLURM job 7_1 was cancelled (CANCELLED): optimizer.lr=0.01" in line for line in lines) == 1
+    assert results[0] is done
+    assert results[1].status == JobStatus.FAILED and isinstance(results[1]._return_value, JobCancelled)
+    record = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    assert record["status"] == "cancelled" and record["overrides"] == ["optimizer.lr=0.01"]
+    assert not (tmp_path / "0" / "metrics.json").exists()  # a job's own metrics.json is its own
+
+
+@pytest.mark.slurm
+def test_a_sweep_that_can_never_start_ends_within_a_minute_naming_reason_request_offer_and_knob(two_nodes, tmp_path):
+    """The launcher's defaults (8 CPUs and 64 GB per task) on nodes of 2 CPUs and half this machine's memory:
+    SLURM keeps the jobs PENDING (PartitionConfig) forever; the sweep cancels them and says why."""
+    start = time.monotonic()
+    proc = run_cli("train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", *TOY,
+                   "optimizer.lr=0.1,0.01", f"paths.root_dir={tmp_path}", cwd=tmp_path, env=ENV, timeout=120)
+    assert time.monotonic() - start < 60, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    err = proc.stderr
+    assert re.search(r"SLURM job \d+_[01] can never start: it is PENDING with reason PartitionConfig", err), err
+    assert "asked for: 1 node(s) x 1 task(s), 8 CPUs and 64 GB per node" in err
+    assert re.search(r"partition local offers: 2 node\(s\): n1 \(2 CPUs, [\d.]+ GB\), n2 \(2 CPUs", err)
+    assert "hydra.launcher.cpus_per_task" in err and "hydra.launcher.mem_gb" in err
+    array = re.search(r"scancel (\d+)\)", err)[1]
+    squeue = subprocess.run(["squeue", "-h", "-j", array, "-o", "%T"], capture_output=True, text=True,
+                            env={**os.environ, **ENV}).stdout.split()
+    assert set(squeue) <= {"CANCELLED"}, squeue  # nothing left waiting
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_cancelled_from_outside_ends_its_part_and_the_sweep_goes_on(two_nodes, tmp_path):
+    """Both jobs held at submission (pending, JobHeldUser: a reason that clears); job 1 is scancelled, job 0
+    released: job 0 completes, job 1 is recorded cancelled, and the sweep exits 1 once job 0 is done."""
+    proc = start_cli("-m", *CPU_NODE, *TOY, "trainer.max_epochs=1", "optimizer.lr=0.1,0.01",
+                     "+hydra.launcher.additional_parameters.hold=true", f"paths.root_dir={tmp_path}", cwd=tmp_path,
+                     env=ENV)
+    deadline, folders = time.monotonic() + 120, []
+    while time.monotonic() < deadline and proc.poll() is None and len(folders) < 2:
+        folders = list(tmp_path.glob("logs/train/multiruns/*/.submitit/*_[01]"))
+        time.sleep(0.5)
+    assert len(folders) == 2, finish(proc).stderr[-3000:]
+    array = folders[0].name.split("_")[0]
+    env = {**os.environ, **ENV}
+    subprocess.run(["scancel", f"{array}_1"], check=True, env=env)
+    subprocess.run(["scontrol", "release", f"{array}_0"], check=True, env=env)
+    proc = finish(proc)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    # squeue drops a pending job at once when it is cancelled: the sweep saw it leave the queue while pending
+    assert f"SLURM job {array}_1 was cancelled (left the queue while PENDING): " in console
+    assert f"SLURM job {array}_1 was cancelled (left the queue while PENDING) before it finished" in proc.stderr
+    sweep = sweep_dir(tmp_path)
+    assert metrics_of(sweep / "0")["status"] == "completed"
+    assert metrics_of(sweep / "1")["status"] == "cancelled"

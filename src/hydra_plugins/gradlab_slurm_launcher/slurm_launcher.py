@@ -7,16 +7,22 @@
 - Job states: submitit asks `sacct`, which fails where the cluster keeps no accounting (many small clusters,
   scripts/slurm_local.sh); it then warned three lines on every poll and could not tell a job that died without a
   result. Here states come from `squeue` in that case, said once.
+- Waiting (gradlab.slurm_queue): a job SLURM can never start (PartitionConfig, ...) ends the sweep with one error
+  that names the knob, instead of a wait forever; a job cancelled with scancel ends its own part of the sweep.
 """
 
 import contextlib
+import logging
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
+from submitit.slurm.slurm import SlurmJob
 
 TRAP_USR1 = "trap '' USR1"
+log = logging.getLogger(__name__)
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
@@ -43,8 +49,40 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             fail(str(err))
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """submitit's launch (executor, job array) up to the wait, which is gradlab.slurm_queue's: a job that
+        can never start ends the sweep with one error, a cancelled one ends its own part."""
+        import submitit
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import filter_overrides
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
+
+        from gradlab.cli import fail
+        from gradlab.errors import UserError
         from gradlab.slurm import watch_states_with_squeue_if_no_accounting
+        from gradlab.slurm_queue import wait_for
 
         watch_states_with_squeue_if_no_accounting()  # before submitting: jobs register with the watcher then
-        return super().launch(job_overrides, initial_job_idx)
-
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        executor = submitit.AutoExecutor(folder=self.params["submitit_folder"],
+                                         slurm_max_num_timeout=self.params["max_num_timeout"], cluster="slurm")
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in self.params.items()
+                                      if k not in init_keys})
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        log.info(f"Submitit 'slurm' sweep output dir : {sweep_dir}")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        job_params = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        jobs = executor.map_array(self, *zip(*job_params))
+        # Each job's run dir, where a cancelled one's metrics.json goes (with the default subdir, the job number)
+        default_subdir = OmegaConf.to_container(self.config.hydra.sweep, resolve=False)["subdir"] == "${hydra.job.num}"
+        run_dirs = [sweep_dir / str(p[2]) if default_subdir else None for p in job_params]
+        try:
+            return wait_for(jobs, job_overrides, SlurmJob.watcher, run_dirs)
+        except UserError as err:
+            fail(str(err))
