@@ -199,3 +199,25 @@ def test_a_job_cancelled_from_outside_ends_its_part_and_the_sweep_goes_on(two_no
     sweep = sweep_dir(tmp_path)
     assert metrics_of(sweep / "0")["status"] == "completed"
     assert metrics_of(sweep / "1")["status"] == "cancelled"
+
+
+def test_a_trainer_that_does_not_fit_the_allocation_is_one_error_before_anything_is_submitted(tmp_path):
+    """nodes=2 x 1 task, but trainer.devices=2 (a sweep's second job) or the default trainer's num_nodes=1: one
+    error naming both keys, exit 2, no sweep folder and no .submitit (sbatch never ran; no cluster needed)."""
+    for case, expect in ((["trainer=ddp_cpu", "trainer.devices=1,2"], "trainer.devices=2 but hydra.launcher."
+                                                                        "tasks_per_node=1"),
+                         ([], "trainer.num_nodes=1 but hydra.launcher.nodes=2")):
+        proc = run_cli("train.py", "-m", *CPU_NODE, "hydra.launcher.nodes=2", *TOY, *case,
+                       f"paths.root_dir={tmp_path}", cwd=tmp_path, env={"SLURM_CONF": "/nonexistent/slurm.conf"})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert expect in proc.stderr and "Nothing was submitted" in proc.stderr
+        assert not [p for p in (tmp_path / "logs").rglob("*") if p.is_file() or p.parent.name == "multiruns"]
+    # trainer=ddp_cpu as it is takes both from the allocation: nothing to object to (the launch then goes on)
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from gradlab.config import check_ranks_fit_launcher
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=ddp_cpu"])
+    check_ranks_fit_launcher({"nodes": 2, "tasks_per_node": 1}, OmegaConf.to_container(cfg.trainer, resolve=False))

@@ -48,6 +48,34 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
                 os.rmdir(str(config.hydra.sweep.dir))
             fail(str(err))
 
+    def _check_ranks(self, job_overrides: Sequence[Sequence[str]]) -> None:
+        """Each job's trainer must expect the ranks srun starts (gradlab.config.check_ranks_fit_launcher): checked
+        for the first job and for every job that sets trainer values itself (composing each costs a little)."""
+        from omegaconf import OmegaConf
+
+        from gradlab.cli import fail
+        from gradlab.config import check_ranks_fit_launcher
+        from gradlab.errors import UserError
+
+        checked = set()
+        for i, overrides in enumerate(job_overrides):
+            own = tuple(o for o in overrides if o.lstrip("+~").startswith("trainer"))
+            if i > 0 and (not own or own in checked):
+                continue
+            checked.add(own)
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            trainer = OmegaConf.to_container(cfg.trainer, resolve=False)  # SLURM_* interpolations stay as they are
+            try:
+                check_ranks_fit_launcher(self.params, trainer, own if len(job_overrides) > 1 else ())
+            except UserError as err:
+                # This sweep's own folder (claimed at start) holds only the multirun.yaml Hydra wrote: remove both
+                sweep = Path(str(self.config.hydra.sweep.dir))
+                with contextlib.suppress(OSError):
+                    if [p.name for p in sweep.iterdir()] == ["multirun.yaml"]:
+                        (sweep / "multirun.yaml").unlink()
+                    sweep.rmdir()
+                fail(str(err))
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """submitit's launch (executor, job array) up to the wait, which is gradlab.slurm_queue's: a job that
         can never start ends the sweep with one error, a cancelled one ends its own part."""
@@ -62,6 +90,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         from gradlab.slurm import watch_states_with_squeue_if_no_accounting
         from gradlab.slurm_queue import wait_for
 
+        self._check_ranks(job_overrides)
         watch_states_with_squeue_if_no_accounting()  # before submitting: jobs register with the watcher then
         init_keys = {"submitit_folder", "max_num_timeout"}
         executor = submitit.AutoExecutor(folder=self.params["submitit_folder"],
