@@ -93,7 +93,9 @@ def test_pending_reasons_that_never_clear_are_told_from_those_that_do():
     from gradlab.slurm_queue import never_clears
 
     for reason in ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
-                   "ReqNodeNotAvail, UnavailableNodes:n2", "AssocMaxCpuPerJobLimit", "QOSMaxNodePerJobLimit"):
+                   "ReqNodeNotAvail, UnavailableNodes:n2", "AssocMaxCpuPerJobLimit", "QOSMaxNodePerJobLimit",
+                   # squeue's %r for ReqNodeNotAvail
+                   "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"):
         assert never_clears(reason), reason
     for reason in ("Priority", "Resources", "BeginTime", "JobHeldUser", "AssocGrpCpuLimit", "AssocMaxJobsLimit",
                    "None", ""):
@@ -221,3 +223,94 @@ def test_a_trainer_that_does_not_fit_the_allocation_is_one_error_before_anything
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["trainer=ddp_cpu"])
     check_ranks_fit_launcher({"nodes": 2, "tasks_per_node": 1}, OmegaConf.to_container(cfg.trainer, resolve=False))
+
+
+# ---- preemption and a lost node, against one uninterrupted run --------------------------------------------------
+LONG = [*TOY, "trainer=ddp_cpu", "trainer.max_epochs=8", "seed=5"]  # 8 x 13 steps: time to interrupt it
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The local 2-process run (trainer=ddp_cpu) that the interrupted 2-node runs must end up equal to."""
+    local = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_cli("train.py", *LONG, f"paths.root_dir={local}", cwd=local, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (local / "logs" / "train" / "runs").iterdir()
+    return training_metrics(metrics_of(run_dir))
+
+
+def wait_for_checkpoint(out: Path, proc, name: str, timeout: float = 300) -> Path:
+    """The sweep's job 0 run dir once `checkpoints/<name>` exists in it (fit is under way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(out.glob(f"logs/train/multiruns/*/0/checkpoints/{name}"))
+        if found:
+            return found[0].parents[1]
+        time.sleep(0.2)
+    pytest.fail(f"no {name} within {timeout} s:\n{finish(proc).stderr[-3000:]}")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_preempted_two_node_job_is_requeued_and_resumes_to_the_uninterrupted_result(two_nodes, uninterrupted,
+                                                                                       tmp_path):
+    """scancel --signal=USR1 --full reaches both ranks (one per node) mid-training: the HPC checkpoint, `scontrol
+    requeue`, the job again on whichever nodes SLURM gives it, fit restored, metrics as if never interrupted."""
+    proc = start_cli("-m", *TWO_NODES, *LONG, f"paths.root_dir={tmp_path}", cwd=tmp_path, env=ENV)
+    run_dir = wait_for_checkpoint(tmp_path, proc, "epoch_000.ckpt")
+    (job_id,) = [p.name for p in (run_dir.parent / ".submitit").iterdir() if p.name.isdigit()]
+    subprocess.run(["scancel", "--signal=USR1", "--full", job_id], check=True, env={**os.environ, **ENV})
+    proc = finish(proc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = metrics_of(run_dir)
+    assert metrics["slurm"]["job_id"] == int(job_id) and metrics["slurm"]["restart_count"] == 1  # requeued once
+    assert list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    logs = "".join(p.read_text() for p in (run_dir.parent / ".submitit" / job_id).glob("*_log.*"))
+    assert "Restoring states from the checkpoint path at" in logs and "hpc_ckpt_1.ckpt" in logs
+    # before and after the requeue: both ranks, one per node, agreeing on the run dir
+    assert logs.count(f"ranks agree: 2 ranks on n1,n2") == 2 and logs.count(f"run dir {run_dir.resolve()},") == 4
+    assert metrics["steps"] == 8 * 13
+    assert training_metrics(metrics) == uninterrupted
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_lost_node_ends_the_step_and_the_requeued_job_resumes_to_the_uninterrupted_result(two_nodes, uninterrupted,
+                                                                                            tmp_path):
+    """Mid-training, node n2 dies: its slurmd, the job step and rank there are killed (every process in its
+    namespace). Rank 0 on n1 does not hang: SLURM declares n2 down after SlurmdTimeout (30 s) and ends the step
+    (srun: "Node failure on n2"), well inside the gloo timeout (120 s, trainer=ddp_cpu), and requeues the job,
+    which waits for two nodes (the sweep says so, and does not give up on it). n2 comes back; the job runs again
+    in the same run dir, continues from its last.ckpt (nothing written before is lost or redone from scratch),
+    and ends with the metrics of a run never interrupted."""
+    proc = start_cli("-m", *TWO_NODES, *LONG, f"paths.root_dir={tmp_path}", cwd=tmp_path, env=ENV)
+    run_dir = wait_for_checkpoint(tmp_path, proc, "epoch_000.ckpt")
+    epoch0 = (run_dir / "checkpoints" / "epoch_000.ckpt").read_bytes()
+    (job_id,) = [p.name for p in (run_dir.parent / ".submitit").iterdir() if p.name.isdigit()]
+    pids = subprocess.run(["ip", "netns", "pids", "gl-n2"], capture_output=True, text=True, check=True).stdout.split()
+    assert len(pids) >= 3, pids  # slurmd, the step's slurmstepd, rank 1
+    lost = time.monotonic()
+    for pid in pids:
+        subprocess.run(["kill", "-9", pid])
+    env = {**os.environ, **ENV}
+    state = ""
+    while time.monotonic() - lost < 120 and state != "PENDING":
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                               env=env).stdout.strip()
+        time.sleep(1)
+    ended_s = time.monotonic() - lost
+    assert state == "PENDING", state  # requeued by SLURM (node failure), not running on with a hung rank
+    logs = "".join(p.read_text() for p in (run_dir.parent / ".submitit" / job_id).glob("*_log.*"))
+    assert "Node failure on n2" in logs
+    subprocess.run([str(ROOT / "scripts" / "slurm_local.sh"), "--nodes", "2"], capture_output=True, timeout=120,
+                   check=True)
+    proc = finish(proc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "can never start" not in proc.stderr
+    logs = "".join(p.read_text() for p in (run_dir.parent / ".submitit" / job_id).glob("*_log.*"))
+    assert f"SLURM requeued this job (restart 1): resuming from {run_dir}/checkpoints/last.ckpt" in logs
+    metrics = metrics_of(run_dir)
+    assert metrics["slurm"]["restart_count"] == 1 and metrics["steps"] == 8 * 13
+    assert (run_dir / "checkpoints" / "epoch_000.ckpt").read_bytes() == epoch0  # written before: kept
+    assert training_metrics(metrics) == uninterrupted
+    print(f"lost node: the job left RUNNING {ended_s:.0f} s after n2 died")

@@ -44,9 +44,16 @@ NEVER_CLEARS = {
 STATUS_EVERY_S = 180.0
 
 
+def _reason_name(reason: str) -> str:
+    """squeue's %r as a reason name: it prints most by name, ReqNodeNotAvail as its description."""
+    if reason.startswith("Nodes required for job are DOWN"):
+        return "ReqNodeNotAvail"
+    return reason.split(",")[0].strip()
+
+
 def never_clears(reason: str) -> Optional[str]:
     """What `reason` (squeue's %r) means, if it is one that never clears; None otherwise."""
-    name = reason.split(",")[0].strip()
+    name = _reason_name(reason)
     if name in NEVER_CLEARS:
         return NEVER_CLEARS[name]
     if name.startswith(("Assoc", "QOS")) and "PerJob" in name:  # e.g. AssocMaxCpuPerJobLimit, QOSMaxNodePerJobLimit
@@ -124,6 +131,12 @@ def explain_never_starting(job_id: str, reason: str) -> str:
             f"  change: {'; '.join(knobs)}")
 
 
+def _waits_for_a_failed_node(job_id: str, reason: str) -> bool:
+    """A job SLURM requeued (Restarts > 0) that waits for a node which went down under it: that clears when the
+    node returns (or SLURM gives the job others), so it is reported, not ended."""
+    return _reason_name(reason) == "ReqNodeNotAvail" and int(_scontrol("job", job_id).get("Restarts", "0") or 0) > 0
+
+
 def _status_line(states: dict[str, dict[str, str]]) -> str:
     pending: dict[str, int] = {}
     running = done = 0
@@ -152,7 +165,7 @@ def wait_for(jobs: Sequence[Any], overrides: Sequence[Sequence[str]], watcher: A
         for (job_id, info), run_dir, job_overrides in zip(states.items(), list(run_dirs) or [None] * len(jobs),
                                                            overrides):
             reason, state = info.get("Reason", ""), info.get("State", "")
-            if state == "PENDING" and never_clears(reason):
+            if state == "PENDING" and never_clears(reason) and not _waits_for_a_failed_node(job_id, reason):
                 message = explain_never_starting(job_id, reason)
                 array = sorted({job.job_id.split("_")[0] for job in jobs})
                 subprocess.run(["scancel", *array], capture_output=True, timeout=60)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradlab.callbacks.throughput import ThroughputMonitor
 from gradlab.ddp import ddp_children_join_this_job
 from gradlab.hparams import log_hparams
-from gradlab.job_record import slurm_ids
+from gradlab.job_record import requeued_checkpoint, slurm_ids
 from gradlab.precision import resolve as resolve_precision
 from gradlab.ranks import RanksAgree
 from gradlab.reporting import print_results
@@ -87,7 +87,10 @@ def _run(cfg: DictConfig) -> Optional[float]:
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        ckpt_path = cfg.get("ckpt_path") or requeued_checkpoint(output_dir(cfg))
+        if ckpt_path and not cfg.get("ckpt_path"):
+            print(f"SLURM requeued this job (restart {os.environ.get('SLURM_RESTART_COUNT')}): resuming from {ckpt_path}")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(_scalars(trainer.callback_metrics))
         metrics.update(_throughput(trainer))
         if trainer.is_global_zero and not trainer.interrupted:
