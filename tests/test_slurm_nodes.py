@@ -157,17 +157,21 @@ def test_waiting_prints_pending_reasons_every_few_minutes_and_records_a_cancelle
 
 @pytest.mark.slurm
 def test_a_sweep_that_can_never_start_ends_within_a_minute_naming_reason_request_offer_and_knob(two_nodes, tmp_path):
-    """The launcher's defaults (8 CPUs and 64 GB per task) on nodes of 2 CPUs and half this machine's memory:
-    SLURM keeps the jobs PENDING (PartitionConfig) forever; the sweep cancels them and says why."""
+    """The launcher's defaults (8 CPUs and 64 GB per task) on nodes of 2 CPUs and half this machine's memory
+    (more, on a bigger machine: as much as can never fit): SLURM keeps the jobs PENDING (PartitionConfig) forever;
+    the sweep cancels them and says why."""
+    cpus = max(8, 2 * os.cpu_count())
+    mem_gb = max(64, 2 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 ** 30)
     start = time.monotonic()
-    proc = run_cli("train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", *TOY,
+    proc = run_cli("train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
+                   f"hydra.launcher.cpus_per_task={cpus}", f"hydra.launcher.mem_gb={mem_gb}", *TOY,
                    "optimizer.lr=0.1,0.01", f"paths.root_dir={tmp_path}", cwd=tmp_path, env=ENV, timeout=120)
     assert time.monotonic() - start < 60, proc.stderr[-3000:]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     err = proc.stderr
     assert re.search(r"SLURM job \d+_[01] can never start: it is PENDING with reason PartitionConfig", err), err
-    assert "asked for: 1 node(s) x 1 task(s), 8 CPUs and 64 GB per node" in err
-    assert re.search(r"partition local offers: 2 node\(s\): n1 \(2 CPUs, [\d.]+ GB\), n2 \(2 CPUs", err)
+    assert f"asked for: 1 node(s) x 1 task(s), {cpus} CPUs and {mem_gb} GB per node" in err
+    assert re.search(r"partition local offers: 2 node\(s\): n1 \(\d+ CPUs, [\d.]+ GB\), n2 \(\d+ CPUs", err)
     assert "hydra.launcher.cpus_per_task" in err and "hydra.launcher.mem_gb" in err
     array = re.search(r"scancel (\d+)\)", err)[1]
     squeue = subprocess.run(["squeue", "-h", "-j", array, "-o", "%T"], capture_output=True, text=True,
@@ -268,7 +272,8 @@ def test_a_preempted_two_node_job_is_requeued_and_resumes_to_the_uninterrupted_r
     logs = "".join(p.read_text() for p in (run_dir.parent / ".submitit" / job_id).glob("*_log.*"))
     assert "Restoring states from the checkpoint path at" in logs and "hpc_ckpt_1.ckpt" in logs
     # before and after the requeue: both ranks, one per node, agreeing on the run dir
-    assert logs.count(f"ranks agree: 2 ranks on n1,n2") == 2 and logs.count(f"run dir {run_dir.resolve()},") == 4
+    assert logs.count("ranks agree: 2 ranks on n1,n2") == 2
+    assert logs.count(f"(local rank 0): run dir {run_dir.resolve()}, seed 5") == 4
     assert metrics["steps"] == 8 * 13
     assert training_metrics(metrics) == uninterrupted
 
