@@ -100,6 +100,14 @@ def test_pending_reasons_that_never_clear_are_told_from_those_that_do():
     for reason in ("Priority", "Resources", "BeginTime", "JobHeldUser", "AssocGrpCpuLimit", "AssocMaxJobsLimit",
                    "None", ""):
         assert never_clears(reason) is None, reason
+    # the reason comes with the states, from squeue (no accounting) or sacct
+    from gradlab.slurm import SqueueWhenNoAccounting
+
+    for use_squeue, column in ((True, "--format=%i|%T|%N|%r"), (False, "JobID,State,NodeList,Reason")):
+        watcher = SqueueWhenNoAccounting()
+        watcher._use_squeue = use_squeue
+        watcher.register_job("5_0")
+        assert column in watcher._make_command()
 
 
 class _Job:

@@ -55,7 +55,8 @@ class SqueueWhenNoAccounting(SlurmInfoWatcher):
                 logging.getLogger("submitit").addFilter(_DropSacctWarnings())
                 log.info("sacct fails (no accounting on this cluster): job states come from squeue")
         if not self._use_squeue:
-            return command
+            # sacct's Reason too: why a pending job waits (gradlab.slurm_queue reads it in either case)
+            return [arg.replace("JobID,State,NodeList", "JobID,State,NodeList,Reason") for arg in command]
         # %r: why a job pends (gradlab.slurm_queue ends a sweep whose jobs can never start)
         return ["squeue", "--me", "--noheader", "--array", "--states=all", "--format=%i|%T|%N|%r"]
 
