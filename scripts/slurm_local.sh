@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, to try (and test) the cluster path without a cluster.
+# A SLURM cluster on this machine (one node, or several in network namespaces), to try and test the cluster path.
 #
 #   sudo scripts/slurm_local.sh            # install slurm-wlm + munge if missing, start, wait for the node
 #   sudo scripts/slurm_local.sh --stop     # stop the daemons it started (by the pids it wrote)
@@ -33,7 +33,7 @@ while (($#)); do
     --stop) stop=true ;;
     --nodes) nodes=${2:-}; shift ;;
     --nodes=*) nodes=${1#--nodes=} ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     -*) echo "slurm_local.sh: unknown option $1 (use --stop, --nodes N or a folder)" >&2; exit 2 ;;
     *) dir=$1 ;;
   esac
