@@ -56,9 +56,9 @@ def training_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in NOT_TRAINING and not k.endswith("_per_sec")}
 
 
-def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+def start_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
     """train.py in the background, as run_cli runs it (same Python, environment and PYTHONPATH)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -192,7 +192,7 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes_to_the_uninterrupted_
     runs again in the same dir, fit resumes, and metrics.json is the one of a run never interrupted."""
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
     on_slurm.mkdir(), local.mkdir()
-    run = [*TOY, "trainer.max_epochs=30", "seed=5"]
+    run = [*TOY, "trainer.max_epochs=10", "seed=5"]
     proc = start_cli("-m", *CPU_NODE, *run, f"paths.root_dir={on_slurm}", cwd=on_slurm)
     ref = start_cli(*run, f"paths.root_dir={local}", cwd=local)
     deadline = time.monotonic() + 540
@@ -217,7 +217,7 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes_to_the_uninterrupted_
     assert "Requeued SLURM job" in log or "requeing job" in log
     assert "Restoring states from the checkpoint path at" in log and "hpc_ckpt_1.ckpt" in log
     (ref_dir,) = (local / "logs" / "train" / "runs").iterdir()
-    assert metrics["steps"] == 30 * 25
+    assert metrics["steps"] == 10 * 25
     assert training_metrics(metrics) == training_metrics(metrics_of(ref_dir))
 
 

@@ -14,7 +14,7 @@ import difflib
 import fnmatch
 import importlib.util
 import inspect
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -362,3 +362,28 @@ def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, dict]]:
             yield path, node
         for key, value in node.items():
             yield from _target_nodes(value, f"{path}.{key}" if path else str(key))
+
+
+def check_ranks_fit_launcher(params: dict[str, Any], trainer: dict[str, Any], overrides: Sequence[str] = ()) -> None:
+    """UserError where a job's trainer expects another shape than the SLURM allocation gives it, before submitting.
+
+    `params`: the resolved launcher config; `trainer`: the job's trainer config *unresolved* (on the submitting
+    node, an interpolation of SLURM_NTASKS_PER_NODE / SLURM_NNODES follows the allocation, as trainer=ddp and
+    trainer=ddp_cpu do; there is nothing to check). srun starts nodes x tasks_per_node ranks; Lightning expects
+    devices x num_nodes, and stops (or, with devices=1, num_nodes=1, trains each rank alone) where they differ.
+    """
+    problems = []
+    for key, launcher_key in (("devices", "tasks_per_node"), ("num_nodes", "nodes")):
+        value, slurm = trainer.get(key), params.get(launcher_key)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(slurm, int) and value != slurm:
+            problems.append(f"trainer.{key}={value} but hydra.launcher.{launcher_key}={slurm}")
+    if problems:
+        job = f" (job {' '.join(overrides)})" if overrides else ""
+        raise UserError(
+            f"the trainer does not fit the SLURM allocation{job}: {'; '.join(problems)}. srun starts "
+            f"hydra.launcher.nodes x tasks_per_node = {params.get('nodes')} x {params.get('tasks_per_node')} ranks, "
+            "one per task, and Lightning must expect the same trainer.num_nodes x trainer.devices. Set them equal, "
+            "or use trainer=ddp (GPUs) / trainer=ddp_cpu (gloo), which take both from the allocation. "
+            "Nothing was submitted.")

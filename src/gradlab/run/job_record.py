@@ -6,9 +6,10 @@ so scripts/sweep_report.py lists it beside the others. Hydra records the failure
 re-raises it at the end.
 """
 
+import glob
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -37,6 +38,19 @@ def slurm_ids() -> dict[str, Any]:
         return {}
     ids = {key: os.environ.get(var, "") for key, var in SLURM_IDS.items()}
     return {"slurm": {key: int(value) for key, value in ids.items() if value.isdigit()}}
+
+
+def requeued_checkpoint(run_dir: str) -> Optional[str]:
+    """The run's last.ckpt when SLURM runs this job again (SLURM_RESTART_COUNT > 0) without an HPC checkpoint:
+    requeued after a node failure, with no warning signal, it continues from its last checkpoint (and its folder)
+    instead of training again from the start over what it wrote. After a preemption Lightning's own
+    hpc_ckpt_<n>.ckpt is newer and Lightning restores it itself: None."""
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    if glob.glob(os.path.join(glob.escape(run_dir), "hpc_ckpt_*.ckpt")):
+        return None
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    return last if os.path.isfile(last) else None
 
 
 class RecordFailedJob(Callback):

@@ -15,9 +15,10 @@ from gradlab.config.cli import after_import
 from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.run.ddp import ddp_children_join_this_job
 from gradlab.run.hparams import log_hparams
-from gradlab.run.job_record import slurm_ids
+from gradlab.run.job_record import requeued_checkpoint, slurm_ids
 from gradlab.run.lr_find import log_lr_find, lr_find
 from gradlab.run.precision import resolve as resolve_precision
+from gradlab.run.ranks import RanksAgree
 from gradlab.run.results import print_results, write_metrics
 from gradlab.run.trackers import log_config, record_results
 
@@ -77,7 +78,8 @@ def _run(cfg: DictConfig) -> Optional[float]:
             module = build_module(cfg)
     # The whole resolved config rides in every checkpoint, so eval/predict can rebuild the model.
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    # Distributed: each rank states its run dir, seed and shard, and all must agree (nothing when on one process)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), RanksAgree(output_dir(cfg), cfg.seed)]
     loggers = instantiate_group(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
     log_config(loggers, cfg)  # MLflow params / W&B config: the whole resolved config
@@ -86,7 +88,10 @@ def _run(cfg: DictConfig) -> Optional[float]:
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        ckpt_path = cfg.get("ckpt_path") or requeued_checkpoint(output_dir(cfg))
+        if ckpt_path and not cfg.get("ckpt_path"):
+            print(f"SLURM requeued this job (restart {os.environ.get('SLURM_RESTART_COUNT')}): resuming from {ckpt_path}")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(_scalars(trainer.callback_metrics))
         metrics.update(_throughput(trainer))
         if trainer.is_global_zero and not trainer.interrupted:

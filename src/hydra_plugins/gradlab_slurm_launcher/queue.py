@@ -55,13 +55,15 @@ class SqueueWhenNoAccounting(SlurmInfoWatcher):
                 logging.getLogger("submitit").addFilter(_DropSacctWarnings())
                 log.info("sacct fails (no accounting on this cluster): job states come from squeue")
         if not self._use_squeue:
-            return command
-        return ["squeue", "--me", "--noheader", "--array", "--states=all", "--format=%i|%T|%N"]
+            # sacct's Reason too: why a pending job waits (hydra_plugins.gradlab_slurm_launcher.waiting reads it in either case)
+            return [arg.replace("JobID,State,NodeList", "JobID,State,NodeList,Reason") for arg in command]
+        # %r: why a job pends (hydra_plugins.gradlab_slurm_launcher.waiting ends a sweep whose jobs can never start)
+        return ["squeue", "--me", "--noheader", "--array", "--states=all", "--format=%i|%T|%N|%r"]
 
     def read_info(self, string: Any) -> dict[str, dict[str, str]]:
         if self._use_squeue:
             text = string.decode() if isinstance(string, bytes) else string
-            string = "JobID|State|NodeList\n" + text  # sacct's --parsable2 layout, which the parser reads
+            string = "JobID|State|NodeList|Reason\n" + text  # sacct's --parsable2 layout, which the parser reads
         info = super().read_info(string)
         if self._use_squeue:
             # A job squeue listed before and lists no more ended over MinJobAge ago (between two polls): ended.
@@ -69,7 +71,8 @@ class SqueueWhenNoAccounting(SlurmInfoWatcher):
             for job_id in self._registered - self._finished:
                 last = self._info_dict.get(job_id, {}).get("State")
                 if job_id not in info and last is not None and last != GONE:
-                    info[job_id] = {"JobID": job_id, "State": GONE, "NodeList": ""}
+                    # LastState: a pending job that leaves the queue was cancelled (squeue drops it at once)
+                    info[job_id] = {"JobID": job_id, "State": GONE, "NodeList": "", "LastState": last}
         for stats in info.values():
             # States squeue shows that submitit does not know as unfinished: a requeued job passes through
             # REQUEUE_FED on its way back to PENDING, and must not be taken for a job that ended without a result.
