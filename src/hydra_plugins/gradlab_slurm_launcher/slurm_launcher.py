@@ -68,11 +68,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             try:
                 check_ranks_fit_launcher(self.params, trainer, own if len(job_overrides) > 1 else ())
             except UserError as err:
-                # This sweep's own folder (claimed at start) holds only the multirun.yaml Hydra wrote: remove both
+                # A sweep folder that holds no job yet (only what Hydra and the sweeper wrote before launching:
+                # multirun.yaml, sweep_state.json) is removed; one with jobs in it is never touched.
                 sweep = Path(str(self.config.hydra.sweep.dir))
                 with contextlib.suppress(OSError):
-                    if [p.name for p in sweep.iterdir()] == ["multirun.yaml"]:
-                        (sweep / "multirun.yaml").unlink()
+                    if {p.name for p in sweep.iterdir()} <= {"multirun.yaml", "sweep_state.json"}:
+                        for name in ("multirun.yaml", "sweep_state.json"):
+                            (sweep / name).unlink(missing_ok=True)
                     sweep.rmdir()
                 fail(str(err))
 
