@@ -250,22 +250,24 @@ def loop_rows(clock: dict, flops_per_sample: float) -> dict:
 
 
 # ---- levers on the CNN's step --------------------------------------------------------------------------------
-def lever_cases(batch: int) -> dict:
+def lever_cases(batch: int, compile: bool = True) -> dict:
     """The plain mnist_fast step beside one change each (same FLOPs per sample, except where noted)."""
     nchw = cnn_case(batch)
     nchw["net"] = nchw["net"].to(memory_format=torch.contiguous_format)
     nchw["inputs"] = (nchw["inputs"][0].contiguous(),)
-    compiled = cnn_case(batch)
-    compiled["net"] = torch.compile(compiled["net"])
-    return {f"channels-last, batch {batch} (mnist_fast)": cnn_case(batch), f"NCHW, batch {batch}": nchw,
-            f"channels-last, batch {2 * batch}": cnn_case(2 * batch),
-            f"channels-last, batch {4 * batch}": cnn_case(4 * batch),
-            f"torch.compile (inductor), batch {batch}": compiled}
+    cases = {f"channels-last, batch {batch} (mnist_fast)": cnn_case(batch), f"NCHW, batch {batch}": nchw,
+             f"channels-last, batch {2 * batch}": cnn_case(2 * batch),
+             f"channels-last, batch {4 * batch}": cnn_case(4 * batch)}
+    if compile:  # compiles at its first step: that time is in the table's last column
+        compiled = cnn_case(batch)
+        compiled["net"] = torch.compile(compiled["net"])
+        cases[f"torch.compile (inductor), batch {batch}"] = compiled
+    return cases
 
 
-def levers(batch: int, steps: int, rounds: int) -> dict:
+def levers(batch: int, steps: int, rounds: int, compile: bool = True) -> dict:
     """Samples/s of each lever case against the first, in alternating rounds; compile seconds counted apart."""
-    cases = lever_cases(batch)
+    cases = lever_cases(batch, compile)
     first_s = {}
     for name, case in cases.items():  # warm-up; for torch.compile this is where it compiles
         start = time.perf_counter()
@@ -305,14 +307,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--gemm-n", type=int, default=2048, help="GEMM size (default 2048)")
     parser.add_argument("--probe-every", type=int, default=50, help="GEMM probe in train.py every this many steps")
     parser.add_argument("--no-train-py", action="store_true", help="plain steps only")
+    parser.add_argument("--no-plain", action="store_true", help="train.py only")
     parser.add_argument("--levers", action="store_true", help="only the CNN step's levers, side by side")
+    parser.add_argument("--no-compile", action="store_true", help="levers without torch.compile (minutes on 2 cores)")
     parser.add_argument("--tiny", action="store_true", help="tests: batch 8 and 16 tokens for every plain step")
     parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (e.g. data.batch_size=256)")
     args = parser.parse_args(argv)
     info = cpu_info()
     if args.levers:
-        rows = levers(8 if args.tiny else args.batch, args.steps, args.rounds)
+        rows = levers(8 if args.tiny else args.batch, args.steps, args.rounds, not args.no_compile)
         print(f"\n{info['model']}, {info['threads']} threads, {' '.join(info['isa'])}; the CNN's plain step, "
               f"{args.rounds} alternating rounds of {args.steps} steps")
         print("| variant | samples/s (median) | ratio to mnist_fast's step (median of rounds) | first 2 steps (s) |")
@@ -325,7 +329,11 @@ def main(argv=None) -> dict:
     cases = {name: make(8) if args.tiny else make(batches[name]) for name, (_, make) in PLAIN.items()}
     if args.tiny:
         cases["gru"] = gru_case(8, tokens=16)
-    plain = plain_rates(cases, args.steps, args.rounds, args.gemm_n)
+    if args.no_plain:  # FLOPs only: train.py's rows need the CNN's per sample
+        plain = {"gemm": gemm_rate(args.gemm_n), "rows": {"cnn": {"flops_per_sample": step_flops(cases["cnn"]) /
+                                                                   args.batch, "batch": args.batch}}}
+    else:
+        plain = plain_rates(cases, args.steps, args.rounds, args.gemm_n)
     result = {"cpu": info, "gemm_fp32": plain["gemm"], "gemm_bf16": bf16, "plain": plain["rows"]}
     if not args.no_train_py:
         with tempfile.TemporaryDirectory() as tmp:
@@ -352,6 +360,8 @@ def report(r: dict, args) -> None:
         print(f"| `torch.mm` {args.gemm_n}² bfloat16 | | {r['gemm_bf16'] / 1e9:.1f} | "
               f"{r['gemm_bf16'] / r['gemm_fp32']:.2f} |")
     for name, row in r["plain"].items():
+        if "rate" not in row:
+            continue
         label = PLAIN[name][0].format(b=row["batch"])
         print(f"| {label} | {row['flops_per_sample'] / 1e6:.2f} | {row['rate'] / 1e9:.1f} | {row['fraction']:.2f} |")
     if "train_py" in r:
