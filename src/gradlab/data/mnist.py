@@ -17,7 +17,7 @@ from torchvision import datasets
 
 from gradlab.config.rules import require, val_count
 from gradlab.data.idx import check_pair, read_idx
-from gradlab.data.tensor_loader import InMemoryDataModule, TensorBatches
+from gradlab.data.tensor_loader import InMemoryDataModule, MirroredBatches, TensorBatches
 from gradlab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,16 @@ class MNISTDataModule(InMemoryDataModule):
 
     def __init__(self, root: str = "data", dataset: str = "mnist", batch_size: int = 64, val_size: int | float = 5000,
                  split_seed: int = 12345, num_workers: int = 0, pin_memory: bool = False, download: bool = True,
-                 allow_sample: bool = True, num_classes: int = 10, input_dim: int = 784):
+                 allow_sample: bool = True, num_classes: int = 10, input_dim: int = 784,
+                 mirror_symmetric: bool = False, hflip: bool = False):
         super().__init__()
         if dataset not in DATASETS:
             raise UserError(f"data.dataset={dataset!r} is not known; choose one of {sorted(DATASETS)}.")
         require("data.val_size", val_size)
+        if hflip and not mirror_symmetric:
+            raise UserError(f"data.hflip=true flips training images left-right, but {dataset} is not mirror-"
+                            f"symmetric (a mirrored digit or character is another shape, or none): set "
+                            f"data.hflip=false. Clothing is (data=fashion_mnist).")
         self.save_hyperparameters(logger=False)
         # What the run read instead of the configured data, if anything: train.py records it in metrics.json.
         self.data_note: Optional[str] = None
@@ -148,7 +153,7 @@ class MNISTDataModule(InMemoryDataModule):
             n_val = self._val_count(len(x))
             perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.hparams.split_seed))
             val_idx, train_idx = perm[:n_val], perm[n_val:]
-            self.train_set = TensorBatches(x[train_idx], y[train_idx])
+            self.train_set = (MirroredBatches if self.hparams.hflip else TensorBatches)(x[train_idx], y[train_idx])
             self.val_set = TensorBatches(x[val_idx], y[val_idx])
             if split_files(self._folder(), self.hparams.dataset, train=False) is None:
                 log.warning("%s: %s has no test split: training works, testing will not (run with test=false, "

@@ -29,6 +29,18 @@ class TensorBatches(Dataset):
         return tuple(t[index] for t in self.tensors)
 
 
+class MirroredBatches(TensorBatches):
+    """`TensorBatches` of images (N, C, H, W) whose fetched batches have a random half flipped left-right: the
+    augmentation for data whose mirror image is the same class (clothing, not digits). Draws from torch's global
+    generator, which `seed` fixes."""
+
+    def __getitems__(self, indices: list[int]):
+        x, *rest = super().__getitems__(indices)  # x: a fresh (B, C, H, W) copy, safe to change in place
+        flip = torch.rand(len(indices)) < 0.5  # (B,)
+        x[flip] = x[flip].flip(-1)
+        return (x, *rest)
+
+
 def identity_collate(batch):
     """The batch from `__getitems__` is already stacked."""
     return batch

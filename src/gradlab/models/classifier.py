@@ -1,5 +1,6 @@
 """One LightningModule for every classification task: the network is a plain `nn.Module` passed in."""
 
+import math
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
@@ -20,6 +21,8 @@ class ClassifierModule(pl.LightningModule):
     Every batch is a tuple `(*inputs, target)`: the module calls `net(*inputs)`. With `num_classes == 1`
     the task is binary: `net` returns (B,) logits and the target is float 0/1.
 
+    `tta_flip` evaluates (val, test) each image and its left-right mirror and averages the two class
+    probabilities: right for clothing, wrong for digits (a mirrored 2 is no digit), so it is off by default.
     `gradient_clip_val` is the model's default clipping (total-norm), used when `trainer.gradient_clip_val`
     is null. `on_nonfinite_loss` decides what a NaN/inf training loss does: `stop` ends the run with a
     message naming the step, before that step changes any weight; `skip` drops the batch and goes on.
@@ -38,10 +41,14 @@ class ClassifierModule(pl.LightningModule):
         channels_last: bool = False,
         gradient_clip_val: Optional[float] = None,
         on_nonfinite_loss: str = "stop",
+        tta_flip: bool = False,
         **hparams: Any,
     ):
         super().__init__()
         require("model.on_nonfinite_loss", on_nonfinite_loss)
+        if tta_flip and num_classes == 1:
+            raise UserError("model.tta_flip=true averages class probabilities over mirrored images, which needs "
+                            "num_classes >= 2 (images); this task is binary. Set model.tta_flip=false.")
         # Factories and modules stay out of the checkpoint's hyperparameters, which then load with
         # `weights_only=True`; the full run config travels in the checkpoint separately.
         self.save_hyperparameters(ignore=["net", "criterion", "optimizer", "scheduler"], logger=False)
@@ -77,6 +84,8 @@ class ClassifierModule(pl.LightningModule):
     def _shared_step(self, batch, stage: str) -> torch.Tensor:
         *inputs, target = batch
         out = self(*inputs)
+        if self.hparams.tta_flip and stage != "train":
+            out = self._mirror_average(out, *inputs)
         loss = self.criterion(out, target)
         if stage == "train" and self._nonfinite(loss):
             return None  # Lightning then skips backward and the optimizer step
@@ -91,6 +100,12 @@ class ClassifierModule(pl.LightningModule):
                  sync_dist=not train)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def _mirror_average(self, out: torch.Tensor, images: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        """log of the mean of p(class | image) and p(class | mirrored image): (B, C) log-probabilities, which
+        every classification criterion here takes as logits (log_softmax leaves log-probabilities unchanged)."""
+        both = torch.stack([out.log_softmax(-1), self(images.flip(-1), *rest).log_softmax(-1)])  # (2, B, C)
+        return torch.logsumexp(both, dim=0) - math.log(2)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
