@@ -15,10 +15,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from helpers import run_entry
-from gradlab.errors import EXIT_USER_ERROR
 from conftest import ONE_THREAD
-from helpers import ROOT, fake_digits, run_cli, tiny_mnist_args, write_idx, write_mnist
+from gradlab.errors import EXIT_USER_ERROR
+from helpers import ROOT, fake_digits, run_cli, run_entry, tiny_mnist_args, write_idx, write_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

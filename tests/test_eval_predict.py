@@ -74,8 +74,7 @@ def in_process(name: str, overrides: list[str], output_dir: Path):
     """An entry point run as its script runs it, but in this process (no interpreter start, no re-import)."""
     from hydra import compose, initialize_config_dir
 
-    from helpers import run_entry
-    from helpers import ROOT
+    from helpers import ROOT, run_entry
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlab.run.precision import choose, cpu_flags
-from helpers import load_script, run_cli, tiny_mnist_args
+from helpers import run_cli, tiny_mnist_args
 
 
 @pytest.mark.parametrize("accelerator, flags, cuda_bf16, expected", [

@@ -16,9 +16,8 @@ from hydra import compose, initialize_config_dir
 import gradlab.checkpoints.atomic_io
 from conftest import ONE_THREAD
 from gradlab.checkpoints.load import load
-from helpers import run_entry
 from gradlab.errors import EXIT_USER_ERROR
-from helpers import ROOT, run_cli, tiny_mnist_args
+from helpers import ROOT, run_cli, run_entry, tiny_mnist_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import TENSORS, Even
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
-from gradlab.observe.grad_norm import GradNormMonitor
-from gradlab.observe.events import read_scalars
 from gradlab.models.classifier import ClassifierModule
+from gradlab.observe.events import read_scalars
+from gradlab.observe.grad_norm import GradNormMonitor
 from helpers import ROOT, load_script, run_cli, tiny_mnist_args
 
 CLIP = 0.05  # small enough that every step of the tiny net is clipped

@@ -9,9 +9,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from gradlab.autograd.memory import step_memory
 from gradlab.data.toy import ToyDataModule
 from gradlab.errors import UserError
-from gradlab.autograd.memory import step_memory
 from gradlab.models.mlp import ManualMLP, classification_loss
 from helpers import run_cli, tiny_mnist_args
 

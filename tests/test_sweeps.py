@@ -151,6 +151,7 @@ def test_search_space_syntax_samples_the_declared_distributions():
 
 def test_list_choices_go_back_into_the_override_as_lists():
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from hydra_plugins.gradlab_optuna_sweeper.optuna_sweeper import search_space
 
     suggest = search_space(["model.hidden=choice([256,128],[64])"])["model.hidden"]
@@ -176,10 +177,9 @@ def test_submitit_local_launcher_runs_the_job_in_its_own_process(mnist_root, tmp
 
 def test_slurm_launcher_config_reaches_the_sbatch_script(tmp_path, monkeypatch):
     """Every documented key of hydra/launcher=slurm, through the real launcher, into the script submitit submits."""
+    import submitit
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-
-    import submitit
 
     fake_bin = tmp_path / "bin"  # submitit's SLURM executor only checks that srun exists
     fake_bin.mkdir()

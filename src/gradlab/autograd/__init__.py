@@ -8,8 +8,7 @@
 from gradlab.autograd.activations import LeakyReLU, ReLU, Sigmoid, Tanh, leaky_relu, relu, sigmoid, tanh
 from gradlab.autograd.batchnorm import BatchNorm, BatchNormEval, batch_norm, batch_norm_eval
 from gradlab.autograd.linear import Linear, linear
-from gradlab.autograd.losses import (BCEWithLogits, MSE, SoftmaxCrossEntropy, bce_with_logits, mse,
-                                     softmax_cross_entropy)
+from gradlab.autograd.losses import MSE, BCEWithLogits, SoftmaxCrossEntropy, bce_with_logits, mse, softmax_cross_entropy
 
 __all__ = [
     "BCEWithLogits", "BatchNorm", "BatchNormEval", "LeakyReLU", "Linear", "MSE", "ReLU", "Sigmoid",

@@ -14,7 +14,6 @@ from gradlab.config.rules import require
 from gradlab.errors import UserError
 
 
-
 class ClassifierModule(pl.LightningModule):
     """Trains `net` with `criterion`; logs `{train,val,test}/{loss,acc}`.
 

@@ -28,8 +28,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gradlab.observe.writer import log_scalars
 from gradlab.errors import UserError
+from gradlab.observe.writer import log_scalars
 
 SATURATION = 0.97  # |tanh| above this, or sigmoid within 1 - this of 0 or 1, sits on the flat part of the curve
 KINDS = {torch.relu: "relu", F.relu: "relu", torch.Tensor.relu: "relu",

@@ -14,9 +14,9 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from gradlab.observe.writer import flush, log_dir, log_image_png
 from gradlab.observe.events import RunReader
 from gradlab.observe.grad_flow_picture import png_size, render_png
+from gradlab.observe.writer import flush, log_dir, log_image_png
 
 TAG = "grad_flow"
 

@@ -52,8 +52,8 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from torch import nn
 
-from gradlab.observe.grad_norm import _log
 from gradlab.errors import UserError
+from gradlab.observe.grad_norm import _log
 
 PREFIX = "grad_noise/"
 

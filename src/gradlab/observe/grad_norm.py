@@ -36,8 +36,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 
 from gradlab.checkpoints.resume import ResumeCheckpoint
-from gradlab.observe.writer import log_scalars
 from gradlab.errors import UserError
+from gradlab.observe.writer import log_scalars
 
 NONFINITE, VANISHING, EXPLODING = "non-finite", "vanishing", "exploding"
 # The healthy band of ‖Δw‖/‖w‖ drawn in the layout: a decade either side of the usual 1e-3, as log10 values.

@@ -12,9 +12,9 @@ from typing import Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from gradlab.observe.writer import flush, log_dir, log_text
 from gradlab.observe.events import RunReader
 from gradlab.observe.health_rules import Report, Thresholds, diagnose
+from gradlab.observe.writer import flush, log_dir, log_text
 
 TAG = "health/report"
 

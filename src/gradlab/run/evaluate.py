@@ -9,11 +9,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from gradlab.checkpoints import load as ckpt
+from gradlab.config.cli import after_import
 from gradlab.errors import UserError
 from gradlab.run.precision import resolve as resolve_precision
 from gradlab.run.results import print_results
 from gradlab.run.train import _write_json, hydra_overrides
-from gradlab.config.cli import after_import
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from gradlab.checkpoints import load as ckpt
+from gradlab.config.cli import after_import
 from gradlab.data.images import list_images, load_digit
 from gradlab.errors import UserError
-from gradlab.config.cli import after_import
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:

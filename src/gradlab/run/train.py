@@ -12,15 +12,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gradlab.config.cli import after_import
 from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.run.ddp import ddp_children_join_this_job
 from gradlab.run.hparams import log_hparams
 from gradlab.run.job_record import slurm_ids
+from gradlab.run.lr_find import log_lr_find, lr_find
 from gradlab.run.precision import resolve as resolve_precision
 from gradlab.run.results import print_results
 from gradlab.run.trackers import log_config, record_results
-from gradlab.run.lr_find import log_lr_find, lr_find
-from gradlab.config.cli import after_import
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
