@@ -41,12 +41,12 @@ def cnn_run(mnist_root, tmp_path_factory):
     the resume, eval/predict and bad-input tests: (run dir, metrics.json as a dict, the command's overrides)."""
     import json
 
-    from helpers import run_cli, tiny_mnist_args
+    from helpers import only_run_dir, run_cli, tiny_mnist_args
 
     out = tmp_path_factory.mktemp("cnn_run")
     args = [*tiny_mnist_args(mnist_root, out), "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
             "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"]
     proc = run_cli("train.py", *args, cwd=out, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = (out / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(out)
     return run_dir, json.loads((run_dir / "metrics.json").read_text()), args

@@ -59,6 +59,13 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: int = 240, env: dict | 
                           text=True, timeout=timeout, env=full_env)
 
 
+def only_run_dir(root: Path) -> Path:
+    """The one folder a single train.py run made under root/logs/train/runs (fails, listing them, if not one)."""
+    runs = list((root / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
 def tiny_mnist_args(data_root: Path, out: Path) -> list[str]:
     """Overrides for a fast real run on the tiny IDX data."""
     return [f"paths.data_dir={data_root}", f"paths.root_dir={out}", "data.val_size=40",

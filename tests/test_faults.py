@@ -17,7 +17,7 @@ import gradlab.checkpoints.atomic_io
 from conftest import ONE_THREAD
 from gradlab.checkpoints.load import load
 from gradlab.errors import EXIT_USER_ERROR
-from helpers import ROOT, run_cli, run_entry, tiny_mnist_args
+from helpers import ROOT, only_run_dir, run_cli, run_entry, tiny_mnist_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -93,7 +93,7 @@ def test_ctrl_c_in_the_test_stage_keeps_the_fit_and_a_resume_only_tests(cnn_run,
     first = run_cli("train.py", *args, "+callbacks.zz_int._target_=faults.SignalInTest", "+callbacks.zz_int.batch=1",
                     cwd=tmp_path, env=env())
     assert first.returncode == 1, first.stderr[-3000:]  # Lightning: "Detected KeyboardInterrupt", exit 1
-    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(tmp_path)
     partial = json.loads((run_dir / "metrics.json").read_text())
     assert partial["status"] == "testing" and not [k for k in partial if k.startswith("test/")]
     assert {k: partial[k] for k in COMPARED if not k.startswith("test/")} == \

@@ -19,7 +19,7 @@ from torch import nn
 from gradlab.models.classifier import ClassifierModule
 from gradlab.observe.events import read_scalars
 from gradlab.observe.grad_norm import GradNormMonitor
-from helpers import ROOT, load_script, run_cli, tiny_mnist_args
+from helpers import ROOT, load_script, only_run_dir, run_cli, tiny_mnist_args
 
 CLIP = 0.05  # small enough that every step of the tiny net is clipped
 
@@ -223,12 +223,6 @@ def test_bad_option_is_a_user_error():
 # The real entry point: train.py on tiny IDX files, events read back.
 
 CNN_PARAMS = [f"{layer}.{kind}" for layer in ("conv1", "conv2", "fc1", "fc2") for kind in ("weight", "bias")]
-
-
-def only_run_dir(out: Path) -> Path:
-    runs = list((out / "logs" / "train" / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from gradlab.config import rules as config
 from gradlab.errors import UserError
 from gradlab.observe.events import read_scalars
-from helpers import run_cli, tiny_mnist_args
+from helpers import only_run_dir, run_cli, tiny_mnist_args
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EVERY_STEP = ["trainer.max_epochs=1", "trainer.log_every_n_steps=1", "callbacks.grad_norm.log_every_n_steps=1",
@@ -21,7 +21,7 @@ EVERY_STEP = ["trainer.max_epochs=1", "trainer.log_every_n_steps=1", "callbacks.
 
 
 def one_run(out: Path) -> Path:
-    (run_dir,) = (out / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(out)
     return run_dir
 
 
