@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import gradlab.checkpoints.atomic_io
 from conftest import ONE_THREAD
 from gradlab.checkpoints.load import load
 from gradlab.errors import EXIT_USER_ERROR
-from helpers import ROOT, only_run_dir, run_cli, run_entry, tiny_mnist_args
+from helpers import compose_config, only_run_dir, run_cli, run_entry, tiny_mnist_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -44,8 +43,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoints_and_says_so(
             "logger=csv", "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min",
             "+callbacks.zz_disk._target_=faults.FailingDisk", f"+callbacks.zz_disk.at_save={at_save}",
             f"+callbacks.zz_disk.error={error}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*args, f"paths.output_dir={out}"])
+    cfg = compose_config("train", args, out)
     with pytest.raises(SystemExit) as exit_info:
         run_entry("gradlab.run.train", cfg)
     assert exit_info.value.code == EXIT_USER_ERROR
