@@ -14,11 +14,19 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
-    """Tests parametrized on the CUDA device get the `cuda` marker: `pytest -m cuda` runs exactly the GPU checks."""
+    """Tests parametrized on the CUDA device get the `cuda` marker: `pytest -m cuda` runs exactly the GPU checks.
+
+    Files with the most slow tests go first (each file's tests stay together, in their order): the two workers
+    (pyproject.toml: -n 2 --dist loadfile --no-loadscope-reorder) take files in this order, so a long file starts
+    early instead of running alone at the end."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any(str(value) == "cuda" or getattr(value, "type", None) == "cuda" for value in params.values()):
             item.add_marker(pytest.mark.cuda)
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: file order and test order otherwise kept
 
 
 @pytest.fixture
