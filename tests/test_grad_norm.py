@@ -193,7 +193,7 @@ def test_nonfinite_stop_skips_the_step_and_keeps_checkpoints(tmp_path, capsys, b
                   extra_callbacks=[PlantNaN(step=3), ckpt], enable_checkpointing=True, max_epochs=3, min_epochs=2)
     err = capsys.readouterr().err
     assert "non-finite gradient at step 3: fc1.weight = nan" in err and "Training stops" in err
-    assert str(tmp_path / "ckpt" / "last.ckpt") in err
+    assert str(tmp_path / "ckpt" / "last.ckpt") in err.replace("\n", "")  # the console wraps a long path
     assert trainer.global_step == 4  # ended at once, min_epochs notwithstanding
     # Not one weight moved in the skipped step, and nothing was written after it.
     weights = {n.removeprefix("net."): p.detach() for n, p in module.named_parameters()}
