@@ -112,7 +112,6 @@ def walkthrough(seed: int, lr: float) -> int:
     for name, ops in (("autograd", AUTOGRAD), ("gradlab", GRADLAB)):
         leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
         runs[name] = (forward_torch(x, t, leaves, ops), leaves)
-    (ag, ag_p), (gl, gl_p) = runs["autograd"], runs["gradlab"]
 
     def refs(key, grad=False, param=False):
         pick = (lambda r, q: q[key].grad) if param else (lambda r, q: r[key].grad) if grad else (lambda r, q: r[key])

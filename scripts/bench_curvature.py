@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlab.models.cnn import MnistCNN
-from gradlab.observe.curvature import (Hessian, flatten, hutchinson, layer_groups, preconditioner, rademacher,
-                                       sharpness)
+from gradlab.observe.curvature import Hessian, flatten, hutchinson, layer_groups, preconditioner, rademacher, sharpness
 from gradlab.observe.grad_tests import GradTestMonitor
 
 

@@ -26,10 +26,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gradlab.observe.grad_noise import PerExampleTap, noise_estimates, norm_test, sq_norm
 from gradlab.models.cnn import MnistCNN
 from gradlab.models.mlp import ManualMLP, classification_loss
 from gradlab.models.rnn import SentimentRNN
+from gradlab.observe.grad_noise import PerExampleTap, noise_estimates, norm_test, sq_norm
 
 INTERVALS = (1, 16, 64)
 

@@ -41,16 +41,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm
 from torch import nn
 
-from gradlab.observe.activations import ActivationMonitor
-from gradlab.observe.grad_norm import GradNormMonitor
-from gradlab.observe.layout import build_layout
-from gradlab.observe.writer import log_layout
 from gradlab.data.tensor_loader import TensorBatches, identity_collate
-from gradlab.observe.events import read_scalars
-from gradlab.observe.grad_flow_picture import render_png
-from gradlab.observe.health_rules import diagnose
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.cnn import MnistCNN
+from gradlab.observe.activations import ActivationMonitor
+from gradlab.observe.events import read_scalars
+from gradlab.observe.grad_flow_picture import render_png
+from gradlab.observe.grad_norm import GradNormMonitor
+from gradlab.observe.health_rules import diagnose
+from gradlab.observe.layout import build_layout
+from gradlab.observe.writer import log_layout
 
 MODES = ("off", "grad log", "grad quiet", "act log", "act quiet", "all log", "all quiet", "lightning", "control")
 INTERVALS = (1, 4, 16, 64)

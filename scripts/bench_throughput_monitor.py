@@ -30,11 +30,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.data.tensor_loader import TensorBatches, identity_collate
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.cnn import MnistCNN
 from gradlab.models.rnn import SentimentRNN
+from gradlab.observe.throughput import ThroughputMonitor
 
 MODES = ("off", "update", "logging", "control")
 DEFAULT_INTERVAL = 50  # conf/trainer/default.yaml log_every_n_steps

@@ -37,8 +37,8 @@ from rich.table import Table  # noqa: E402
 from gradlab.config.cli import fail  # noqa: E402
 from gradlab.data.toy import lesson_data  # noqa: E402
 from gradlab.errors import UserError  # noqa: E402
-from gradlab.observe.events import read_scalars  # noqa: E402
 from gradlab.models.mlp import ManualMLP, classification_loss  # noqa: E402
+from gradlab.observe.events import read_scalars  # noqa: E402
 
 DIVERGED = 10.0  # a loss this many times the first one counts as diverged
 SMOOTH = 0.9  # weight of the past in the moving average drawn over each curve

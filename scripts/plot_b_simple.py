@@ -15,8 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gradlab.observe.grad_noise import summarize  # noqa: E402
 from gradlab.observe.events import read_scalars  # noqa: E402
+from gradlab.observe.grad_noise import summarize  # noqa: E402
 
 
 def resmooth(scalars, beta: float) -> list[tuple[int, float]]:

@@ -18,6 +18,7 @@ from gradlab.errors import UserError
 from gradlab.observe.events import read_scalars
 from gradlab.observe.grad_flow_picture import plot
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run folder (or its tensorboard/ folder)")

@@ -149,7 +149,7 @@ def plot(jobs: list[Job], keys: list[str], metric: str, path: Path) -> None:
         numeric = all(_as_float(j.values.get(key)) is not None for j in jobs)
         categories = list(dict.fromkeys(j.values.get(key, "") for j in jobs))
 
-        def x_of(job: Job) -> float:
+        def x_of(job: Job, key=key, numeric=numeric, categories=categories) -> float:  # this axis's, bound now
             return _as_float(job.values[key]) if numeric else categories.index(job.values.get(key, ""))
 
         ok = sorted((j for j in jobs if j.number(metric) is not None), key=x_of)

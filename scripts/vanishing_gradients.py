@@ -31,8 +31,8 @@ from rich.table import Table  # noqa: E402
 from gradlab.config.cli import fail  # noqa: E402
 from gradlab.data.toy import lesson_data  # noqa: E402
 from gradlab.errors import UserError  # noqa: E402
-from gradlab.observe.health_rules import diagnose  # noqa: E402
 from gradlab.models.mlp import ManualMLP, classification_loss  # noqa: E402
+from gradlab.observe.health_rules import diagnose  # noqa: E402
 
 VARIANTS = {  # name: (activation, batch norm)
     "sigmoid": ("sigmoid", False),

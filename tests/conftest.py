@@ -14,11 +14,19 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):
-    """Tests parametrized on the CUDA device get the `cuda` marker: `pytest -m cuda` runs exactly the GPU checks."""
+    """Tests parametrized on the CUDA device get the `cuda` marker: `pytest -m cuda` runs exactly the GPU checks.
+
+    Files with the most slow tests go first (each file's tests stay together, in their order): the two workers
+    (pyproject.toml: -n 2 --dist loadfile --no-loadscope-reorder) take files in this order, so a long file starts
+    early instead of running alone at the end."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any(str(value) == "cuda" or getattr(value, "type", None) == "cuda" for value in params.values()):
             item.add_marker(pytest.mark.cuda)
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: file order and test order otherwise kept
 
 
 @pytest.fixture
@@ -41,12 +49,12 @@ def cnn_run(mnist_root, tmp_path_factory):
     the resume, eval/predict and bad-input tests: (run dir, metrics.json as a dict, the command's overrides)."""
     import json
 
-    from helpers import run_cli, tiny_mnist_args
+    from helpers import only_run_dir, run_cli, tiny_mnist_args
 
     out = tmp_path_factory.mktemp("cnn_run")
     args = [*tiny_mnist_args(mnist_root, out), "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
             "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"]
     proc = run_cli("train.py", *args, cwd=out, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = (out / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(out)
     return run_dir, json.loads((run_dir / "metrics.json").read_text()), args

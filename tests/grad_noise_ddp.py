@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from gradlab.observe.grad_noise import GradNoiseMonitor
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.rnn import SentimentRNN
+from gradlab.observe.grad_noise import GradNoiseMonitor
 
 
 def main(mode: str, out: str) -> None:

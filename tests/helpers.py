@@ -59,6 +59,25 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: int = 240, env: dict | 
                           text=True, timeout=timeout, env=full_env)
 
 
+def only_run_dir(root: Path) -> Path:
+    """The one folder a single train.py run made under root/logs/train/runs (fails, listing them, if not one)."""
+    runs = list((root / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def compose_config(name: str = "train", overrides=(), output_dir: Path | None = None, hydra: bool = False):
+    """conf/<name>.yaml composed with the overrides, as the entry point sees it (`output_dir`: what Hydra's run sets
+    paths.output_dir to; `hydra`: with the `hydra` node, as a launcher sees it). The one way tests compose."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [*overrides, *([f"paths.output_dir={output_dir}"] if output_dir is not None else [])]
+    GlobalHydra.instance().clear()  # nothing another test initialised (another config folder) leaks in
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=overrides, return_hydra_config=hydra)
+
+
 def tiny_mnist_args(data_root: Path, out: Path) -> list[str]:
     """Overrides for a fast real run on the tiny IDX data."""
     return [f"paths.data_dir={data_root}", f"paths.root_dir={out}", "data.val_size=40",

@@ -13,28 +13,14 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401  (imported at collection: its log handler then binds to the session's stderr)
 import pytest
 import torch
-from conftest import ONE_THREAD
-from helpers import (
-    ROOT,
-    fake_digits,
-    run_cli,
-    run_entry,
-    tiny_mnist_args,
-    write_idx,
-    write_mnist,
-)
-from hydra import compose, initialize_config_dir
 
+from conftest import ONE_THREAD
 from gradlab.errors import EXIT_USER_ERROR
+from helpers import compose_config, fake_digits, run_cli, run_entry, tiny_mnist_args, write_idx, write_mnist
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 QUIET = ["callbacks.grad_norm=null", "logger=csv"]
-
-
-def config(name: str, overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
 def fails(module: str, cfg, capsys) -> str:
@@ -92,7 +78,7 @@ def label_out_of_range(path: Path) -> None:
 ])
 def test_damaged_idx_files(tiny, tmp_path, capsys, damage, expected):
     damage(tiny / "MNIST" / "raw" / "train-images-idx3-ubyte")
-    err = fails("gradlab.run.train", config("train", train_args(tiny, tmp_path), tmp_path / "out"), capsys)
+    err = fails("gradlab.run.train", compose_config("train", train_args(tiny, tmp_path), tmp_path / "out"), capsys)
     assert expected in err
     assert not list((tmp_path / "out").rglob("*.ckpt")) and not (tmp_path / "out" / "metrics.json").exists()
 
@@ -113,7 +99,7 @@ def run_copy(cnn_run, tmp_path):
 def test_resuming_with_another_model_names_the_mismatch(run_copy, mnist_root, tmp_path, capsys):
     args = [*train_args(mnist_root, tmp_path, val_size=40), f"ckpt_path={run_copy / 'checkpoints' / 'last.ckpt'}",
             "model.hidden=64"]
-    err = fails("gradlab.run.train", config("train", args, tmp_path / "new"), capsys)
+    err = fails("gradlab.run.train", compose_config("train", args, tmp_path / "new"), capsys)
     assert "does not fit this model" in err
     assert "net.fc1.weight: (128, 9216) in the checkpoint, (64, 9216) here" in err
     assert "model.net.hidden=128 in the checkpoint vs 64 now" in err
@@ -124,7 +110,7 @@ def test_resuming_with_damaged_data_leaves_the_run_alone(run_copy, mnist_root, t
     shutil.copytree(mnist_root, data)
     truncate(data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
     args = [*train_args(data, tmp_path, val_size=40), f"ckpt_path={run_copy / 'checkpoints' / 'last.ckpt'}"]
-    err = fails("gradlab.run.train", config("train", args, tmp_path / "new"), capsys)
+    err = fails("gradlab.run.train", compose_config("train", args, tmp_path / "new"), capsys)
     assert "t10k-labels-idx1-ubyte is truncated" in err
 
 
@@ -138,7 +124,7 @@ def test_corrupted_checkpoint(run_copy, tmp_path, capsys, entry, damage, expecte
     bad = tmp_path / "bad.ckpt"
     shutil.copy(run_copy / "checkpoints" / "last.ckpt", bad)
     damage(bad)
-    cfg = config(entry, [f"ckpt_path={bad}", f"input={tmp_path}"] if entry == "predict" else [f"ckpt_path={bad}"],
+    cfg = compose_config(entry, [f"ckpt_path={bad}", f"input={tmp_path}"] if entry == "predict" else [f"ckpt_path={bad}"],
                  tmp_path / "out")
     assert expected in fails(f"gradlab.run.{'evaluate' if entry == 'eval' else 'predict'}", cfg, capsys)
 
@@ -153,24 +139,24 @@ def test_checkpoints_never_run_code(run_copy, tmp_path, capsys):
     checkpoint = torch.load(run_copy / "checkpoints" / "last.ckpt", weights_only=True)
     checkpoint["extra"] = Payload()
     torch.save(checkpoint, tmp_path / "pickled.ckpt")
-    err = fails("gradlab.run.predict", config("predict", [f"ckpt_path={tmp_path / 'pickled.ckpt'}", f"input={tmp_path}"],
+    err = fails("gradlab.run.predict", compose_config("predict", [f"ckpt_path={tmp_path / 'pickled.ckpt'}", f"input={tmp_path}"],
                                           tmp_path / "out"), capsys)
     assert "Refusing to load" in err and "this must never run" not in err
 
     del checkpoint["extra"]
     checkpoint["gradlab_config"]["model"]["net"]["_target_"] = "os.system"
     torch.save(checkpoint, tmp_path / "target.ckpt")
-    err = fails("gradlab.run.evaluate", config("eval", [f"ckpt_path={tmp_path / 'target.ckpt'}"], tmp_path / "out"), capsys)
+    err = fails("gradlab.run.evaluate", compose_config("eval", [f"ckpt_path={tmp_path / 'target.ckpt'}"], tmp_path / "out"), capsys)
     assert "model.net._target_='os.system'" in err and "only classes under gradlab." in err
 
 
 def test_an_image_that_is_not_an_image(run_copy, tmp_path, capsys):
     fake = tmp_path / "digit.png"
     fake.write_text("<html>not a picture</html>")
-    cfg = config("predict", [f"ckpt_path={run_copy}", f"input={fake}"], tmp_path / "out")
+    cfg = compose_config("predict", [f"ckpt_path={run_copy}", f"input={fake}"], tmp_path / "out")
     err = fails("gradlab.run.predict", cfg, capsys)
     assert f"{fake}: not an image file PIL can read" in err
-    missing = config("predict", [f"ckpt_path={run_copy}", f"input={tmp_path / 'nope.png'}"], tmp_path / "out")
+    missing = compose_config("predict", [f"ckpt_path={run_copy}", f"input={tmp_path / 'nope.png'}"], tmp_path / "out")
     assert "nope.png: no such file or folder" in fails("gradlab.run.predict", missing, capsys)
 
 
@@ -184,7 +170,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     # 40 training images in batches of 32: 2 steps an epoch; last.ckpt after every step.
     args = [*train_args(tiny, tmp_path), "trainer.max_epochs=3", "callbacks.resume.every_n_train_steps=1",
             *nan_at("[3]")]
-    err = fails("gradlab.run.train", config("train", args, out), capsys)
+    err = fails("gradlab.run.train", compose_config("train", args, out), capsys)
     assert "the training loss is nan at step 3 (epoch 1)" in err and "model.on_nonfinite_loss=skip" in err
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3  # written after the update of the batch before, the last one before the NaN
@@ -196,7 +182,7 @@ def test_nonfinite_loss_skip_drops_only_those_batches(tiny, tmp_path):
     out = tmp_path / "out"
     args = [*train_args(tiny, tmp_path), "trainer.max_epochs=2", "model.on_nonfinite_loss=skip", *nan_at("[0,1]")]
     with pytest.warns(UserWarning) as warned:
-        run_entry("gradlab.run.train", config("train", args, out))
+        run_entry("gradlab.run.train", compose_config("train", args, out))
     skipped = [str(w.message) for w in warned if "Skipped a batch" in str(w.message)]
     assert [s.split(":")[0] for s in skipped] == ["Skipped a batch at step 0 (epoch 0)",
                                                    "Skipped a batch at step 1 (epoch 0)"]
@@ -237,7 +223,7 @@ def test_damaged_aclimdb_tree(tmp_path, capsys, damage, expected):
     args = ["model=rnn", "data=imdb", f"paths.data_dir={root}", f"paths.root_dir={tmp_path}", "data.download=false",
             "data.val_size=4", "data.batch_size=8", "data.max_vocab_size=100", *QUIET,
             "callbacks.progress_bar=null", "callbacks.model_summary=null"]
-    err = fails("gradlab.run.train", config("train", args, tmp_path / "out"), capsys)
+    err = fails("gradlab.run.train", compose_config("train", args, tmp_path / "out"), capsys)
     assert expected in err
     assert not list((tmp_path / "out").rglob("*.ckpt"))
 

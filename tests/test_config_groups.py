@@ -7,11 +7,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from gradlab.run.train import build_module, build_trainer, instantiate_group
+from helpers import ROOT, compose_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = ROOT / "conf"
 
 
 def options(group: str) -> list[str]:
@@ -19,14 +19,9 @@ def options(group: str) -> list[str]:
 
 
 def compose_with(overrides: list[str], tmp_path: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.paths.data_dir = str(tmp_path / "data")
-        cfg.paths.log_dir = str(tmp_path / "logs")  # logger=mlflow's database
-    return cfg
+    # paths.log_dir: logger=mlflow's database
+    return compose_config("train", [*overrides, f"paths.data_dir={tmp_path / 'data'}",
+                                    f"paths.log_dir={tmp_path / 'logs'}"], tmp_path)
 
 
 @pytest.mark.parametrize("group", ["data", "model", "optimizer", "scheduler", "trainer", "logger",

@@ -3,23 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, fake_digits, run_cli, run_entry, tiny_mnist_args, write_idx
-from hydra import compose, initialize_config_dir
 
 from gradlab.config.cli import check_overrides
 from gradlab.config.rules import check
 from gradlab.errors import EXIT_USER_ERROR, UserError
+from helpers import ROOT, compose_config, fake_digits, run_cli, run_entry, tiny_mnist_args, write_idx
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def config(name: str, overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
 
 def exit_message(call, capsys) -> str:
@@ -89,14 +82,14 @@ def test_good_overrides_pass_the_pre_check():
     (["callbacks.plain_progress.when=sometimes"], "callbacks.plain_progress.when=sometimes: must be one of auto, "),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(tmp_path, capsys, overrides, expected):
-    cfg = config("train", overrides, tmp_path)
+    cfg = compose_config("train", overrides, tmp_path)
     err = exit_message(lambda: run_entry("gradlab.run.train", cfg), capsys)
     assert expected in err
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_all_bad_values_are_reported_at_once(tmp_path):
-    cfg = config("train", ["data.batch_size=0", "optimizer.lr=-0.1", "trainer.max_epochs=0"], tmp_path)
+    cfg = compose_config("train", ["data.batch_size=0", "optimizer.lr=-0.1", "trainer.max_epochs=0"], tmp_path)
     with pytest.raises(UserError) as err:
         check(cfg)
     lines = str(err.value).splitlines()
@@ -107,7 +100,7 @@ def test_all_bad_values_are_reported_at_once(tmp_path):
 
 def test_a_mistyped_key_inside_a_config_file_is_caught_after_import(tmp_path, capsys):
     # `+` adds a key Hydra does not know, as a typo inside a YAML file would: the Trainer does not take it.
-    cfg = config("train", ["+trainer.max_epoch=1"], tmp_path)
+    cfg = compose_config("train", ["+trainer.max_epoch=1"], tmp_path)
     err = exit_message(lambda: run_entry("gradlab.run.train", cfg), capsys)
     assert ("trainer.max_epoch: not an argument of lightning.pytorch.trainer.Trainer; "
             "did you mean trainer.max_epochs?") in err
@@ -119,7 +112,7 @@ def test_a_mistyped_key_inside_a_config_file_is_caught_after_import(tmp_path, ca
 ])
 def test_eval_and_predict_name_their_required_values(tmp_path, name, expected):
     with pytest.raises(UserError, match=expected.replace("(", r"\(")):
-        check(config(name, [], tmp_path))
+        check(compose_config(name, [], tmp_path))
 
 
 def shipped(group: str) -> list[str]:
@@ -132,7 +125,7 @@ def shipped(group: str) -> list[str]:
       for model in shipped("model") for debug in shipped("debug")],
 ])
 def test_every_shipped_config_passes_the_checks(tmp_path, overrides):
-    check(config("train", overrides, tmp_path))
+    check(compose_config("train", overrides, tmp_path))
 
 
 def test_debug_overfit_memorizes_a_few_batches_of_random_labels(tmp_path):
@@ -145,7 +138,7 @@ def test_debug_overfit_memorizes_a_few_batches_of_random_labels(tmp_path):
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.random.default_rng(seed).integers(0, 10, n).astype(np.uint8))
     args = [*tiny_mnist_args(tmp_path / "data", tmp_path), "model=mlp", "debug=overfit", "logger=csv",
             "callbacks.grad_norm=null"]  # per-step gradient logging would triple the time
-    run_entry("gradlab.run.train", config("train", args, tmp_path / "out"))
+    run_entry("gradlab.run.train", compose_config("train", args, tmp_path / "out"))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps"] == 300  # 100 epochs of the same 3 batches
     assert metrics["train/loss"] < 0.01

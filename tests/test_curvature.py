@@ -1,7 +1,6 @@
 """Sharpness and Hessian trace against the dense float64 Hessian (torch.autograd.functional.hessian); the stability
 thresholds against gradient descent on a quadratic; training bit-identical with the instrument on or off."""
 
-import math
 
 import lightning.pytorch as pl
 import pytest
@@ -14,8 +13,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.mlp import ManualMLP, classification_loss
 from gradlab.models.rnn import SentimentRNN
-from gradlab.observe.curvature import (CurvatureMonitor, Hessian, flatten, hutchinson, layer_groups, preconditioner,
-                                       sharpness, stability)
+from gradlab.observe.curvature import (
+    CurvatureMonitor,
+    Hessian,
+    flatten,
+    hutchinson,
+    layer_groups,
+    preconditioner,
+    sharpness,
+    stability,
+)
 
 F64 = torch.float64
 

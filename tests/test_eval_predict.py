@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD
-from helpers import fake_digits, run_cli
 from PIL import Image
+
+from conftest import ONE_THREAD
+from helpers import compose_config, fake_digits, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -71,11 +72,9 @@ def test_predict_on_a_folder_of_generated_images(cnn_run, tmp_path):
 
 def in_process(name: str, overrides: list[str], output_dir: Path):
     """An entry point run as its script runs it, but in this process (no interpreter start, no re-import)."""
-    from helpers import ROOT, run_entry
-    from hydra import compose, initialize_config_dir
+    from helpers import run_entry
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
+    cfg = compose_config(name, overrides, output_dir)
     return run_entry({"train": "gradlab.run.train", "predict": "gradlab.run.predict"}[name], cfg)
 
 

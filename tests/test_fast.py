@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlab.run.precision import choose, cpu_flags
-from helpers import load_script, run_cli, tiny_mnist_args
+from helpers import only_run_dir, run_cli, tiny_mnist_args
 
 
 @pytest.mark.parametrize("accelerator, flags, cuda_bf16, expected", [
@@ -55,7 +55,7 @@ def test_fast_recipe_trains_and_its_checkpoint_loads_into_the_reference_net(mnis
     expected, _ = choose("auto", cpu_flags(), torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None)
     assert proc.stdout.count("trainer.precision=auto:") == 1
     assert f"trainer.precision=auto: {expected}" in proc.stdout
-    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 2 * 7  # 2 epochs x ceil(200 / 32)
     assert 0.0 <= metrics["val/acc"] <= 1.0

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ONE_THREAD
-from helpers import ROOT, run_cli, run_entry, tiny_mnist_args
-from hydra import compose, initialize_config_dir
 
 import gradlab.checkpoints.atomic_io
+from conftest import ONE_THREAD
 from gradlab.checkpoints.load import load
 from gradlab.errors import EXIT_USER_ERROR
+from helpers import compose_config, only_run_dir, run_cli, run_entry, tiny_mnist_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -44,8 +43,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoints_and_says_so(
             "logger=csv", "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min",
             "+callbacks.zz_disk._target_=faults.FailingDisk", f"+callbacks.zz_disk.at_save={at_save}",
             f"+callbacks.zz_disk.error={error}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*args, f"paths.output_dir={out}"])
+    cfg = compose_config("train", args, out)
     with pytest.raises(SystemExit) as exit_info:
         run_entry("gradlab.run.train", cfg)
     assert exit_info.value.code == EXIT_USER_ERROR
@@ -93,7 +91,7 @@ def test_ctrl_c_in_the_test_stage_keeps_the_fit_and_a_resume_only_tests(cnn_run,
     first = run_cli("train.py", *args, "+callbacks.zz_int._target_=faults.SignalInTest", "+callbacks.zz_int.batch=1",
                     cwd=tmp_path, env=env())
     assert first.returncode == 1, first.stderr[-3000:]  # Lightning: "Detected KeyboardInterrupt", exit 1
-    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(tmp_path)
     partial = json.loads((run_dir / "metrics.json").read_text())
     assert partial["status"] == "testing" and not [k for k in partial if k.startswith("test/")]
     assert {k: partial[k] for k in COMPARED if not k.startswith("test/")} == \

@@ -1,7 +1,6 @@
 """Left-right flips for mirror-symmetric data (clothing): training batches half mirrored, evaluation averaged over an
 image and its mirror; refused for digits (data.mirror_symmetric says which data allow them), opt-in everywhere."""
 
-import math
 
 import pytest
 import torch

@@ -6,13 +6,12 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 
 import pytest
 
 from conftest import ONE_THREAD
 from gradlab.data.mnist import SAMPLE_NOTE
-from helpers import ROOT, fake_digits, run_cli, write_idx
+from helpers import ROOT, fake_digits, only_run_dir, run_cli, write_idx
 
 # Python imports tests/no_internet/sitecustomize.py at start-up: every connection beyond loopback fails at once.
 NO_INTERNET = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests" / "no_internet"),
@@ -32,11 +31,6 @@ def progress_lines(text: str) -> list[tuple]:
             rows.append((int(e), int(es), int(s), int(ss), float(loss), None if acc == "-" else float(acc),
                          int(rate.replace(",", "")), eta))
     return rows
-
-
-def only_run_dir(root: Path) -> Path:
-    (run_dir,) = (root / "logs" / "train" / "runs").iterdir()
-    return run_dir
 
 
 def assert_each_line_once(proc, train_log: str) -> None:

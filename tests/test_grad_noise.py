@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradlab.observe.grad_noise import GradNoiseMonitor, PerExampleTap, noise_estimates, reading
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.mlp import ManualMLP, classification_loss
 from gradlab.models.rnn import SentimentRNN
+from gradlab.observe.grad_noise import GradNoiseMonitor, PerExampleTap, noise_estimates, reading
 
 
 class TinyCNN(nn.Module):

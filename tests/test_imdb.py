@@ -16,7 +16,7 @@ import gradlab.data.imdb as imdb
 from gradlab.data.imdb import IMDBDataModule, read_split
 from gradlab.data.text import BucketBatchSampler, ReviewDataset, pad_collate
 from gradlab.errors import UserError
-from helpers import run_cli, write_aclimdb
+from helpers import only_run_dir, run_cli, write_aclimdb
 
 N_TRAIN, N_TEST, VAL = 40, 10, 16  # per label, per label, reviews
 
@@ -204,7 +204,7 @@ def test_fast_dev_run_through_train_py(imdb_root, tmp_path):
     proc = run_cli("train.py", "model=rnn", "data=imdb", "debug=fdr", f"data.val_size={VAL}", "data.batch_size=8",
                    *cli_args(imdb_root, tmp_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = next((tmp_path / "logs" / "train" / "runs").iterdir())
+    run_dir = only_run_dir(tmp_path)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 1 and {"test/acc", "test/loss", "val/acc"} <= metrics.keys()
     config = (run_dir / ".hydra" / "config.yaml").read_text()

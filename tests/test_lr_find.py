@@ -8,7 +8,7 @@ from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
 from gradlab.observe.events import read_scalars
-from helpers import run_cli, tiny_mnist_args
+from helpers import only_run_dir, run_cli, tiny_mnist_args
 
 
 @pytest.mark.slow
@@ -18,7 +18,7 @@ def test_lr_find_suggests_the_steepest_descent_and_trains_with_it(mnist_root, tm
     proc = run_cli("train.py", *tiny_mnist_args(mnist_root, out), "+tune=lr_find", "tune.apply=true",
                    "tune.num_training=60", "tune.min_lr=1e-5", "tune.max_lr=1", *short, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = (out / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(out)
     curve = json.loads((run_dir / "lr_find.json").read_text())
     lr, loss, suggested = np.array(curve["lr"]), np.array(curve["loss"]), curve["suggested_lr"]
     assert len(lr) >= 20 and np.all(np.diff(lr) > 0)
@@ -44,6 +44,6 @@ def test_lr_find_suggests_the_steepest_descent_and_trains_with_it(mnist_root, tm
     plain = tmp_path / "plain"
     proc = run_cli("train.py", *tiny_mnist_args(mnist_root, plain), f"optimizer.lr={suggested!r}", *short, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (plain_dir,) = (plain / "logs" / "train" / "runs").iterdir()
+    plain_dir = only_run_dir(plain)
     assert read_scalars(plain_dir / "tensorboard", prefix="train/loss") == \
         read_scalars(run_dir / "tensorboard", prefix="train/loss")

@@ -9,11 +9,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from gradlab.autograd.memory import step_memory
 from gradlab.data.toy import ToyDataModule
 from gradlab.errors import UserError
-from gradlab.autograd.memory import step_memory
 from gradlab.models.mlp import ManualMLP, classification_loss
-from helpers import run_cli, tiny_mnist_args
+from helpers import only_run_dir, run_cli, tiny_mnist_args
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu"]
@@ -257,11 +257,6 @@ def test_toy_bad_config_is_a_user_error(kwargs, named):
 
 
 # --- through train.py -------------------------------------------------------------------------------
-
-def only_run_dir(out):
-    (run,) = (out / "logs" / "train" / "runs").iterdir()
-    return run
-
 
 QUIET = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
 

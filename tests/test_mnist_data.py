@@ -3,11 +3,11 @@
 import gzip
 import shutil
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
-from urllib.error import URLError
 
 from gradlab.data.mnist import SAMPLE_NOTE, SAMPLE_ROOT, MNISTDataModule
 from gradlab.data.tensor_loader import TensorBatches

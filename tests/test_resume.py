@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ONE_THREAD
-from helpers import run_cli
+from helpers import only_run_dir, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -43,7 +43,7 @@ def test_sigterm_then_sigkill_then_resume_ends_with_the_uninterrupted_metrics(cn
     first = run_cli("train.py", *args, *signal_at(4, "SIGTERM"), cwd=tmp_path, env=env)
     assert first.returncode == 128 + signal.SIGTERM, first.stderr[-3000:]
     assert "SIGTERM received: saved" in first.stderr
-    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(tmp_path)
     last = run_dir / "checkpoints" / "last.ckpt"
     # Saved because of the signal, at the end of the batch it arrived in: not a multiple of 3, not an epoch end.
     assert saved_step(last) in (4, 5)

@@ -4,16 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from gradlab.data.imdb import IMDBDataModule
 from gradlab.models.rnn import SentimentRNN
 from gradlab.run.train import build_module
-from helpers import write_aclimdb
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from helpers import compose_config, write_aclimdb
 
 
 def padded_batch(seqs: list[torch.Tensor], filler: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,12 +69,7 @@ def test_learns_sentiment_from_tiny_reviews(tmp_path):
 
 
 def compose_with(overrides: list[str], tmp_path: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-    return cfg
+    return compose_config("train", overrides, tmp_path)
 
 
 def test_model_rnn_on_imdb_data_clips_gradients(tmp_path):

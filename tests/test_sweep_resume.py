@@ -16,6 +16,7 @@ import optuna
 import pytest
 import torch
 import yaml
+
 from helpers import ROOT, load_script, run_cli, tiny_mnist_args
 
 sweep_report = load_script("sweep_report")

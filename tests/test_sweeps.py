@@ -12,7 +12,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from helpers import ROOT, run_cli, tiny_mnist_args
+from helpers import ROOT, compose_config, run_cli, tiny_mnist_args
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import sweep_report  # noqa: E402
@@ -151,6 +151,7 @@ def test_search_space_syntax_samples_the_declared_distributions():
 
 def test_list_choices_go_back_into_the_override_as_lists():
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from hydra_plugins.gradlab_optuna_sweeper.optuna_sweeper import search_space
 
     suggest = search_space(["model.hidden=choice([256,128],[64])"])["model.hidden"]
@@ -176,10 +177,8 @@ def test_submitit_local_launcher_runs_the_job_in_its_own_process(mnist_root, tmp
 
 def test_slurm_launcher_config_reaches_the_sbatch_script(tmp_path, monkeypatch):
     """Every documented key of hydra/launcher=slurm, through the real launcher, into the script submitit submits."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
     import submitit
+    from hydra.utils import instantiate
 
     fake_bin = tmp_path / "bin"  # submitit's SLURM executor only checks that srun exists
     fake_bin.mkdir()
@@ -189,10 +188,8 @@ def test_slurm_launcher_config_reaches_the_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     keys = {"partition": "gpu", "account": "proj42", "qos": "high", "nodes": 2, "gpus_per_node": 4,
             "cpus_per_task": 6, "mem_gb": 100, "timeout_min": 90, "signal_delay_s": 150}
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", f"paths.root_dir={tmp_path}",
-                                          *(f"hydra.launcher.{k}={v}" for k, v in keys.items())],
-                      return_hydra_config=True)
+    cfg = compose_config("train", ["hydra/launcher=slurm", "trainer=ddp", f"paths.root_dir={tmp_path}",
+                                   *(f"hydra.launcher.{k}={v}" for k, v in keys.items())], hydra=True)
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
 
@@ -221,7 +218,6 @@ def test_slurm_launcher_config_reaches_the_sbatch_script(tmp_path, monkeypatch):
 
 def test_ddp_trainer_takes_its_shape_from_the_slurm_allocation(monkeypatch):
     """What sbatch --nodes=2 --ntasks-per-node=4 sets is what trainer=ddp asks for, and Lightning agrees."""
-    from hydra import compose, initialize_config_dir
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
@@ -229,8 +225,7 @@ def test_ddp_trainer_takes_its_shape_from_the_slurm_allocation(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_JOB_NAME", "train")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=ddp"], return_hydra_config=True)
+    cfg = compose_config("train", ["trainer=ddp"], hydra=True)
     assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2)
     assert SLURMEnvironment.detect() and SLURMEnvironment().auto_requeue
     SLURMEnvironment().validate_settings(num_devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes)

@@ -19,14 +19,12 @@ import numpy as np
 import pytest
 import tomllib
 import torch
-from helpers import ROOT
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.base_plugin import TBPlugin
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
-from test_tb_instruments import free_port
 from torch import nn
 
 from gradlab.models.classifier import ClassifierModule
@@ -36,6 +34,8 @@ from gradlab.observe.events import RunReader, read_scalars
 from gradlab.observe.grad_norm import GradNormMonitor
 from gradlab.observe.health import HealthReport
 from gradlab_tensorboard.data import downsample
+from helpers import ROOT
+from test_tb_instruments import free_port
 
 PLUGIN = "/data/plugin/gradients"
 

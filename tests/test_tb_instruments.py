@@ -4,8 +4,8 @@ runs, and a real TensorBoard server reading the layout, the grad-flow image and 
 
 import json
 import math
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -21,17 +21,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from gradlab.observe.activations import SATURATION, ActivationMonitor
-from gradlab.observe.grad_norm import GradNormMonitor
-from gradlab.observe.layout import TensorBoardLayout
-from gradlab.observe.events import read_scalars
-from gradlab.observe.health_rules import diagnose
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.cnn import MnistCNN
 from gradlab.models.mlp import ManualMLP, classification_loss
 from gradlab.models.rnn import SentimentRNN
-from helpers import ROOT, load_script, run_cli, tiny_mnist_args
-
+from gradlab.observe.activations import SATURATION, ActivationMonitor
+from gradlab.observe.events import read_scalars
+from gradlab.observe.grad_norm import GradNormMonitor
+from gradlab.observe.health_rules import diagnose
+from helpers import ROOT, load_script, only_run_dir, run_cli, tiny_mnist_args
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference: plain forward hooks record the activations; float64 statistics computed from them by brute force.
@@ -352,7 +350,7 @@ def test_ddp_two_processes_log_reduced_values_once(mnist_root, tmp_path):
                    "trainer.log_every_n_steps=1", "model=mlp", "model.backend=autograd", "test=false",
                    "+callbacks.ref._target_=test_tb_instruments.DDPRecorder", cwd=tmp_path, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(tmp_path)
     refs = [torch.load(run_dir / f"ref_rank{r}.pt", weights_only=False) for r in (0, 1)]
     scalars = read_scalars(run_dir)
     steps = sorted(refs[0]["grads"])

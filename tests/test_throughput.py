@@ -1,15 +1,15 @@
 """ThroughputMonitor in every run: counts read back from TensorBoard equal the data's own counts."""
 
-import pytest
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.data.imdb import IMDBDataModule
-from gradlab.observe.events import read_scalars
 from gradlab.models.classifier import ClassifierModule
 from gradlab.models.rnn import SentimentRNN
+from gradlab.observe.events import read_scalars
+from gradlab.observe.throughput import ThroughputMonitor
 from helpers import write_aclimdb
 
 

@@ -6,22 +6,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
 from gradlab.config import rules as config
 from gradlab.errors import UserError
 from gradlab.observe.events import read_scalars
-from helpers import run_cli, tiny_mnist_args
+from helpers import compose_config, only_run_dir, run_cli, tiny_mnist_args
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 EVERY_STEP = ["trainer.max_epochs=1", "trainer.log_every_n_steps=1", "callbacks.grad_norm.log_every_n_steps=1",
               "callbacks.throughput.window_size=2"]
 
 
 def one_run(out: Path) -> Path:
-    (run_dir,) = (out / "logs" / "train" / "runs").iterdir()
+    run_dir = only_run_dir(out)
     return run_dir
 
 
@@ -144,9 +141,7 @@ def test_wandb_offline_run_files_hold_the_same_series(tracked_run):
 
 def test_wandb_missing_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)  # how Python marks a module as not importable
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["logger=wandb", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"])
+    cfg = compose_config("train", ["logger=wandb", f"paths.root_dir={tmp_path}"], tmp_path)
     with pytest.raises(UserError, match=r"logger\.wandb\._target_=.*WandbLogger needs the wandb package.*pip install wandb"):
         config.check(cfg)
     monkeypatch.delitem(sys.modules, "wandb")

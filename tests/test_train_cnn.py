@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import run_cli, tiny_mnist_args
+from helpers import only_run_dir, run_cli, tiny_mnist_args
 
 CONTRACT = {"train/loss", "train/acc", "val/loss", "val/acc"}
 
@@ -16,12 +16,6 @@ def scalar_tags(run_dir: Path) -> set[str]:
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     return set(acc.Tags()["scalars"])
-
-
-def only_run_dir(out: Path) -> Path:
-    runs = list((out / "logs" / "train" / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 @pytest.fixture(scope="module")

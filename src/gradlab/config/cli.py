@@ -36,7 +36,10 @@ def checked(cfg: DictConfig) -> Iterator[None]:
             yield
         except Exception as err:
             # Hydra's instantiate wraps a constructor's UserError (e.g. data=toy with a wrong input_dim).
-            raise _user_error_in(err) or err
+            user_error = _user_error_in(err)
+            if user_error is None or user_error is err:
+                raise
+            raise user_error from err
     except UserError as err:
         if _in_multirun():
             # One job's bad value must not cost a sweep its other jobs: Hydra records this one as failed

@@ -20,10 +20,8 @@ total, and named once. Under gradient accumulation every micro-batch's examples 
 all-reduced (one packed tensor), since g is the all-reduced gradient.
 """
 
-import math
 from typing import Any, Optional
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback

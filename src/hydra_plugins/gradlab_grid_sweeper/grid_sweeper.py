@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 class GridSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
+        from gradlab.checkpoints import sweeps
         from gradlab.config.cli import fail
         from gradlab.errors import UserError
-        from gradlab.checkpoints import sweeps
 
         sweep_dir = str(self.config.hydra.sweep.dir)
         try:

@@ -131,9 +131,9 @@ class OptunaSweeper(Sweeper):
         self.sampler_cfg = config.hydra.sweeper.get("sampler")
 
     def sweep(self, arguments: list[str]) -> list[JobReturn]:
+        from gradlab.checkpoints import sweeps
         from gradlab.config.cli import fail
         from gradlab.errors import UserError
-        from gradlab.checkpoints import sweeps
 
         sweep_dir = str(self.config.hydra.sweep.dir)
         try:
