@@ -154,7 +154,7 @@ def test_checkpoints_never_run_code(run_copy, tmp_path, capsys):
     checkpoint["gradlab_config"]["model"]["net"]["_target_"] = "os.system"
     torch.save(checkpoint, tmp_path / "target.ckpt")
     err = fails("gradlab.run.evaluate", config("eval", [f"ckpt_path={tmp_path / 'target.ckpt'}"], tmp_path / "out"), capsys)
-    assert "model.net._target_='os.system'" in err and "only classes under gradlab." in err
+    assert "model.net._target_='os.system'" in err and "not on the list of what a checkpoint may build" in err
 
 
 def test_an_image_that_is_not_an_image(run_copy, tmp_path, capsys):
