@@ -74,10 +74,16 @@ def victim_template(tmp_path_factory):
 
 
 @pytest.fixture
-def victim(victim_template, tmp_path):
+def run_dir(victim_template, tmp_path):
+    """A copy of the finished run, in this test's own folder."""
+    copy = tmp_path / "logs" / "train" / "runs" / victim_template.name
+    shutil.copytree(victim_template, copy)
+    return copy
+
+
+@pytest.fixture
+def victim(run_dir):
     """A run folder that every failing case below must leave byte for byte as it was."""
-    run_dir = tmp_path / "logs" / "train" / "runs" / victim_template.name
-    shutil.copytree(victim_template, run_dir)
     before = snapshot(run_dir)
     yield run_dir
     assert snapshot(run_dir) == before, "a refused file changed the victim run"
@@ -153,3 +159,86 @@ def test_the_allow_list_builds_what_train_py_stored(victim, tmp_path):
     x = torch.randn(5, 3)
     assert type(ours.net) is type(theirs.net) and type(ours.criterion) is type(theirs.criterion)
     assert torch.equal(ours(x), theirs.eval()(x))
+
+
+# ---- unpickling ------------------------------------------------------------------------------------------------
+class Payload:
+    """Unpickled, it opens (creates) the marker file: proof that code from the file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def unpickling_calls(source: str, filename: str) -> list[str]:
+    """`torch.load` calls without weights_only=True, and any load/fit/test/validate call with weights_only=False."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        kw = {k.arg: k.value for k in node.keywords}
+        value = kw.get("weights_only")
+        is_true = isinstance(value, ast.Constant) and value.value is True
+        is_false = isinstance(value, ast.Constant) and value.value is False
+        torch_load = node.func.attr == "load" and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+        if (torch_load and not is_true) or (is_false and node.func.attr in (
+                "load", "fit", "test", "validate", "predict", "load_checkpoint", "load_from_checkpoint")):
+            found.append(f"{filename}:{node.lineno}")
+    return found
+
+
+def test_no_code_path_unpickles(tmp_path):
+    files = [*ROOT.glob("*.py"), *(ROOT / "src").rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]
+    assert len(files) > 50
+    found = [hit for f in files for hit in unpickling_calls(f.read_text(), str(f.relative_to(ROOT)))]
+    assert found == []
+    # The planted cases: the check sees each of them.
+    planted = ("import torch\nx = torch.load(p)\ny = torch.load(p, weights_only=False)\n"
+               "trainer.test(m, ckpt_path=best, weights_only=False)\nz = torch.load(p, weights_only=True)\n")
+    assert unpickling_calls(planted, "planted.py") == ["planted.py:2", "planted.py:3", "planted.py:4"]
+
+
+@pytest.mark.parametrize("entry", ["eval", "predict", "train"])
+def test_a_pickled_payload_is_refused_everywhere(victim, tmp_path, capsys, entry):
+    marker = tmp_path / "marker"
+    path = crafted(victim, tmp_path, lambda c: None)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["extra"] = Payload(marker)
+    torch.save(checkpoint, path)
+    overrides = {"eval": [f"ckpt_path={path}"], "predict": [f"ckpt_path={path}", f"input={tmp_path}"],
+                 "train": [*train_args(tmp_path), f"ckpt_path={path}"]}[entry]
+    module = {"eval": "evaluate", "predict": "predict", "train": "train"}[entry]
+    before = peak_rss_mb()
+    err = fails(f"gradlab.run.{module}", config(entry, overrides, tmp_path / "out"), capsys)
+    assert "Refusing to load" in err and not marker.exists()
+    assert peak_rss_mb() - before < 200
+
+
+def test_the_test_stage_never_loads_a_best_checkpoint_from_elsewhere(run_dir, tmp_path):
+    """A resumed checkpoint whose ModelCheckpoint state points at a pickle outside the run: never loaded."""
+    evil = tmp_path / "evil.ckpt"
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": Payload(marker)}, evil)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("ModelCheckpoint")]
+    checkpoint["callbacks"][key]["best_model_path"] = str(evil)
+    checkpoint["callbacks"][key]["best_k_models"] = {str(evil): torch.tensor(1.0)}
+    torch.save(checkpoint, last)
+    run_entry("gradlab.run.train", config("train", [*train_args(tmp_path), f"ckpt_path={last}"], tmp_path / "out"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert not marker.exists() and evil.exists() and str(evil) not in json.dumps(metrics)
+    assert "test/acc" in metrics
+
+
+def test_a_replaced_best_checkpoint_in_the_run_is_refused(run_dir, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    (best,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")
+    torch.save({"state_dict": Payload(marker)}, best)
+    err = fails("gradlab.run.train", config("train", [*train_args(tmp_path), f"ckpt_path={run_dir}"],
+                                            tmp_path / "out"), capsys)
+    assert "Refusing to load" in err and best.name in err and not marker.exists() and best.exists()

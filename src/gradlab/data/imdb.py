@@ -187,7 +187,7 @@ class IMDBDataModule(pl.LightningDataModule):
                 log.warning("IMDB: %s has no test/pos and test/neg folders: training works, testing will not "
                             "(run with test=false, or extract the full archive).", self.folder)
             fit_cache = self._fit_cache()
-            data = torch.load(fit_cache)
+            data = torch.load(fit_cache, weights_only=True)  # a cache is a file too: tensors only
             self.train_set = self._dataset(data["train"], self.hparams.max_len)
             self.val_set = self._dataset(data["val"], self.hparams.eval_max_len)
             with open(os.path.join(os.path.dirname(fit_cache), "tokenizer.json")) as f:
@@ -198,7 +198,7 @@ class IMDBDataModule(pl.LightningDataModule):
                     f"The IMDB test split is missing: {self.folder} has no test/pos and test/neg folders "
                     f"(a train-only extraction?). Fix: extract the full {os.path.basename(URL)} there, or run "
                     f"with test=false to train and validate only.")
-            self.test_set = self._dataset(torch.load(self._test_cache())["test"], self.hparams.eval_max_len)
+            self.test_set = self._dataset(torch.load(self._test_cache(), weights_only=True)["test"], self.hparams.eval_max_len)
 
     def _dataset(self, part: dict, max_len: Optional[int]) -> ReviewDataset:
         return ReviewDataset(part["ids"], part["offsets"], part["labels"], max_len=max_len,

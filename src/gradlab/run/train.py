@@ -21,6 +21,7 @@ from gradlab.run.results import print_results
 from gradlab.run.trackers import log_config, record_results
 from gradlab.run.lr_find import log_lr_find, lr_find
 from gradlab.config.cli import after_import
+from gradlab.errors import UserError
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -87,16 +88,17 @@ def _run(cfg: DictConfig) -> Optional[float]:
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # weights_only=True: resuming never unpickles (AtomicCheckpointIO enforces it too, whatever the caller says).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         metrics.update(_scalars(trainer.callback_metrics))
         metrics.update(_throughput(trainer))
         if trainer.is_global_zero and not trainer.interrupted:
             metrics = _fit_metrics_of_finished_fit(metrics, os.path.join(output_dir(cfg), "metrics.json"), trainer)
-    best = _best_checkpoint(trainer)
+    best = _best_checkpoint(trainer, output_dir(cfg))
     if cfg.get("test", True):
         if best is None and cfg.get("train", True) and not trainer.fast_dev_run:
             print("No best checkpoint was saved; testing the weights at the end of training.")
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update(_scalars(trainer.callback_metrics))
 
     if getattr(datamodule, "data_note", None):  # e.g. MNIST's shipped sample stood in for the real thing
@@ -157,10 +159,21 @@ def _throughput(trainer: pl.Trainer) -> dict[str, float]:
     return next((cb.means(trainer) for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), {})
 
 
-def _best_checkpoint(trainer: pl.Trainer) -> Optional[str]:
+def _best_checkpoint(trainer: pl.Trainer, run_dir: str) -> Optional[str]:
+    """The best checkpoint to test: only a file in this run's own checkpoints/ folder. Lightning restores
+    best_model_path from a resumed checkpoint's state, which a crafted or foreign file may point anywhere."""
     ckpt = trainer.checkpoint_callback
     path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
-    return path if path and os.path.exists(path) else None
+    if not path or not os.path.exists(path):
+        return None
+    # The folder this run's ModelCheckpoint writes to (conf/callbacks: <run>/checkpoints), from the user's config.
+    own = os.path.realpath(getattr(ckpt, "dirpath", None) or os.path.join(run_dir, "checkpoints"))
+    if os.path.dirname(os.path.realpath(path)) != own:
+        raise UserError(f"The best checkpoint to test, {path}, lies outside this run's checkpoints folder {own} "
+                        "(its path came from the state of the checkpoint the run resumed from); it is not tested. "
+                        "The fit's metrics are in metrics.json (status: testing); test the run with python eval.py "
+                        f"ckpt_path={own}/<file>.ckpt.")
+    return path
 
 
 def _write_json(path: str, data: dict) -> None:
