@@ -242,3 +242,130 @@ def test_a_replaced_best_checkpoint_in_the_run_is_refused(run_dir, tmp_path, cap
     err = fails("gradlab.run.train", config("train", [*train_args(tmp_path), f"ckpt_path={run_dir}"],
                                             tmp_path / "out"), capsys)
     assert "Refusing to load" in err and best.name in err and not marker.exists() and best.exists()
+
+
+# ---- readers ----------------------------------------------------------------------------------------------------
+def test_a_gzip_bomb_is_refused_after_its_header(tmp_path):
+    """228 kB of gzip that claims, and holds, 2.6 GB of IDX: refused without decompressing more than the header."""
+    import gzip
+    import struct
+
+    from gradlab.data.idx import read_header, read_idx
+
+    zeros = gzip.compress(bytes(10_000_000), compresslevel=9)  # a gzip file may be many members one after another
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(struct.pack(">BBBBIII", 0, 0, 8, 3, 3_300_000, 28, 28)) + zeros * 260)
+    assert bomb.stat().st_size < 3_000_000  # 2.6 GB once decompressed
+    tracemalloc_peak = _peak_of(lambda: read_idx(str(bomb), 3))
+    with pytest.raises(Exception, match="claims 3300000 x 28 x 28 items, more than any file of the MNIST family"):
+        read_header(str(bomb), 3)
+    assert tracemalloc_peak < 5e6
+
+    # A header within the caps, then far more data than it promises: read up to the promise, then refused.
+    long = tmp_path / "t10k-images-idx3-ubyte.gz"
+    long.write_bytes(gzip.compress(struct.pack(">BBBBIII", 0, 0, 8, 3, 10, 28, 28)) + zeros * 50)
+    with pytest.raises(Exception, match="longer than its header says"):
+        read_header(str(long), 3)
+    assert _peak_of(lambda: read_idx(str(long), 3)) < 5e6
+
+
+def _peak_of(call) -> float:
+    """Peak bytes allocated by Python while `call` runs (it must raise the UserError of a refused file)."""
+    import tracemalloc
+
+    from gradlab.errors import UserError
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError):
+            call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_tar_members_outside_the_folder_are_refused(tmp_path):
+    import io
+    import tarfile
+
+    from gradlab.data.bounded import extract_tar
+    from gradlab.errors import UserError
+
+    outside = tmp_path / "outside"
+    for name, kind in [("../outside/escaped.txt", "file"), (str(outside / "absolute.txt"), "absolute"),
+                       ("aclImdb/link", "symlink")]:
+        archive = tmp_path / "evil.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.addfile(tarfile.TarInfo("aclImdb/README"), io.BytesIO(b""))
+            info = tarfile.TarInfo(name)
+            if kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, str(outside)
+                tar.addfile(info)
+                info = tarfile.TarInfo("aclImdb/link/through.txt")  # a file written through the link
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"pwned"))
+        root = tmp_path / "root"
+        if kind == "absolute":  # the filter takes the leading / off: it lands inside, as root/<path>
+            extract_tar(str(archive), str(root))
+            assert (root / str(outside / "absolute.txt").lstrip("/")).read_bytes() == b"pwned"
+        else:
+            with pytest.raises(UserError, match="refused to extract it, a member would land outside"):
+                extract_tar(str(archive), str(root))
+        assert not outside.exists() and not list(tmp_path.glob("*.txt"))
+
+
+def test_a_fifo_is_refused_at_once(tmp_path):
+    """A FIFO named like an image, text or IDX file: a clear error, never a read that waits for a writer (an alarm
+    interrupts the test if one ever does)."""
+    import os
+    import signal
+
+    from gradlab.data.idx import read_header
+    from gradlab.data.images import list_images, load_digit
+    from gradlab.data.imdb import read_review
+    from gradlab.errors import UserError
+
+    for name in ("digit.png", "review.txt", "train-images-idx3-ubyte"):
+        os.mkfifo(tmp_path / name)
+
+    def hung(signum, frame):
+        raise TimeoutError("a reader waited on the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        for call in (lambda: load_digit(str(tmp_path / "digit.png")), lambda: read_review(str(tmp_path / "review.txt")),
+                     lambda: read_header(str(tmp_path / "train-images-idx3-ubyte"), 3),
+                     lambda: list_images(str(tmp_path / "digit.png"))):
+            with pytest.raises(UserError, match="FIFO"):
+                call()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_50_mb_text_costs_one_mib(tmp_path):
+    from gradlab.data.imdb import MAX_REVIEW_BYTES, read_review
+
+    big = tmp_path / "review.txt"
+    with open(big, "w", encoding="utf-8") as f:
+        f.write("first " + "é" * 25_000_000 + " last")  # 50 MB; two-byte characters, so a cut may split one
+    before = peak_rss_mb()
+    head, tail = read_review(str(big), "head"), read_review(str(big), "tail")
+    assert head.startswith("first ") and tail.endswith(" last")
+    assert len(head.encode()) <= MAX_REVIEW_BYTES and len(tail.encode()) <= MAX_REVIEW_BYTES
+    assert peak_rss_mb() - before < 20
+
+
+def test_an_image_of_another_format_than_its_name_is_refused(tmp_path):
+    from PIL import Image
+
+    from gradlab.data.images import load_digit
+    from gradlab.errors import UserError
+
+    picture = Image.new("L", (28, 28), 0)
+    picture.save(tmp_path / "digit.png", format="GIF")  # a GIF named .png
+    with pytest.raises(UserError, match="not an image file PIL can read as PNG"):
+        load_digit(str(tmp_path / "digit.png"))
+    picture.save(tmp_path / "real.png", format="PNG")
+    assert load_digit(str(tmp_path / "real.png")).shape == (28, 28)
