@@ -369,3 +369,73 @@ def test_an_image_of_another_format_than_its_name_is_refused(tmp_path):
         load_digit(str(tmp_path / "digit.png"))
     picture.save(tmp_path / "real.png", format="PNG")
     assert load_digit(str(tmp_path / "real.png")).shape == (28, 28)
+
+
+# ---- run folders ------------------------------------------------------------------------------------------------
+HOLD = ("import sys, time\nfrom gradlab.checkpoints.run_dirs import lock_run\nlock_run(sys.argv[1])\n"
+        "print('held', flush=True)\ntime.sleep(600)\n")
+
+
+def test_a_run_in_use_is_skipped_by_last_and_refused_by_name(victim, tmp_path, capsys):
+    """A second, real process holds the victim's lock (as train.py does while it trains)."""
+    import os
+    import subprocess
+    import sys
+
+    from gradlab.checkpoints.run_dirs import is_locked
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(victim)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert is_locked(str(victim))
+        out = tmp_path / "out"
+        err = fails("gradlab.run.train", config("train", [*train_args(tmp_path), "ckpt_path=last"], out), capsys)
+        assert "every run under" in err and "is in use by another process" in err
+        err = fails("gradlab.run.train", config("train", [*train_args(tmp_path), f"ckpt_path={victim}"], out), capsys)
+        assert f"{victim} is in use: another process is training in it right now" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not is_locked(str(victim))  # the kernel dropped the killed holder's lock: nothing stale
+
+
+def test_last_skips_a_run_in_use_and_says_so(victim, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from gradlab.checkpoints.run_dirs import resolve_checkpoint
+
+    older = save_run(tmp_path, "older")  # a free run, older than the victim
+    os.utime(older / "checkpoints" / "last.ckpt", (1, 1))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(victim)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = config("train", [*train_args(tmp_path), "ckpt_path=last"], tmp_path / "out")
+        resolve_checkpoint(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cfg.ckpt_path == str(older / "checkpoints" / "last.ckpt")
+    assert f"skipping {victim}, which another process is training in" in capsys.readouterr().out
+
+
+def test_a_finished_run_resumed_with_other_settings_is_refused_then_kept_when_forced(run_dir, tmp_path, capsys):
+    before = snapshot(run_dir)
+    old_metrics = json.loads((run_dir / "metrics.json").read_text())
+    (best,) = (run_dir / "checkpoints").glob("epoch_*.ckpt")
+    best_bytes = best.read_bytes()
+    args = [*train_args(tmp_path), f"ckpt_path={run_dir}", "trainer.max_epochs=2", "optimizer.lr=0.5"]
+    err = fails("gradlab.run.train", config("train", args, tmp_path / "out"), capsys)
+    assert "is a finished run" in err and "trainer.max_epochs=1 in the checkpoint vs 2 now" in err
+    assert "optimizer.lr=" in err and "+resume.force=true" in err
+    assert snapshot(run_dir) == before
+
+    run_entry("gradlab.run.train", config("train", [*args, "+resume.force=true"], tmp_path / "out"))
+    (kept,) = (run_dir / "kept").iterdir()
+    assert json.loads((kept / "metrics.json").read_text()) == old_metrics
+    assert (kept / best.name).read_bytes() == best_bytes
+    new_metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert new_metrics["status"] == "completed" and new_metrics["epochs"] == 2

@@ -139,6 +139,7 @@ RULES: list[tuple[str, Check]] = [
     ("callbacks.*.window_size", (lambda v: _int(v) and v >= 2, "an integer >= 2 (batches in the rolling average)")),
     ("logger.*.flush_every_s", NON_NEGATIVE),
     # +tune=lr_find
+    ("resume.force", BOOL),  # +resume.force=true: go on with a finished run under changed settings
     ("tune.min_lr", POSITIVE), ("tune.max_lr", POSITIVE), ("tune.num_training", COUNT), ("tune.apply", BOOL),
     ("tune.early_stop_threshold", (lambda v: v is None or (_num(v) and v > 1), "a number > 1, or null")),
     # eval.py / predict.py

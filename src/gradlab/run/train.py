@@ -12,6 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gradlab.checkpoints.finished_run import guard as guard_finished_run
+from gradlab.checkpoints.run_dirs import lock_run, unlock_run
 from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.run.ddp import ddp_children_join_this_job
 from gradlab.run.hparams import log_hparams
@@ -61,8 +63,13 @@ def output_dir(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> Optional[float]:
     after_import(cfg)
-    with ddp_children_join_this_job(output_dir(cfg)):
-        return _run(cfg)
+    lock_run(output_dir(cfg))  # the run folder is this process's until the run ends (ckpt_path=last skips it)
+    try:
+        guard_finished_run(cfg, output_dir(cfg))
+        with ddp_children_join_this_job(output_dir(cfg)):
+            return _run(cfg)
+    finally:
+        unlock_run(output_dir(cfg))
 
 
 def _run(cfg: DictConfig) -> Optional[float]:
