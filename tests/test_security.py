@@ -439,3 +439,22 @@ def test_a_finished_run_resumed_with_other_settings_is_refused_then_kept_when_fo
     assert (kept / best.name).read_bytes() == best_bytes
     new_metrics = json.loads((run_dir / "metrics.json").read_text())
     assert new_metrics["status"] == "completed" and new_metrics["epochs"] == 2
+
+
+# ---- launcher values ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("params, named", [
+    ({"partition": "gpu\n#SBATCH --wrap=touch pwned"}, "hydra.launcher.partition="),
+    ({"qos": "normal\rx"}, "hydra.launcher.qos="),
+    ({"additional_parameters": {"signal": "USR1@120\necho pwned"}}, "hydra.launcher.additional_parameters.signal="),
+    ({"setup": ["module load cuda", "echo a\necho b"]}, "hydra.launcher.setup[1]="),
+])
+def test_launcher_values_with_control_characters_are_refused(params, named):
+    from gradlab.config.rules import check_launcher
+    from gradlab.errors import UserError
+
+    good = {"nodes": 1, "tasks_per_node": 1, "timeout_min": 30, "signal_delay_s": 120, "partition": "gpu",
+            "setup": ["trap '' USR1"], "additional_parameters": {"signal": "USR1@120"}}
+    check_launcher(good)  # plain values pass
+    with pytest.raises(UserError, match="holds a control character") as err:
+        check_launcher({**good, **params})
+    assert named in str(err.value) and "nothing was submitted" in str(err.value)

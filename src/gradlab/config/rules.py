@@ -230,6 +230,9 @@ def check_launcher(params: dict[str, Any]) -> None:
     submits anything."""
     leaves = [(f"hydra.launcher.{key}", value) for key, value in params.items()]
     problems = _broken_rules(leaves, LAUNCHER_RULES)
+    problems += [f"{path}={value!r}: holds a control character (a newline would end the #SBATCH block and run "
+                 "what follows as a shell line); give a single plain line"
+                 for path, value in _strings(params, "hydra.launcher") if any(ord(c) < 32 or ord(c) == 127 for c in value)]
     limit_min, delay_s = params.get("timeout_min"), params.get("signal_delay_s")
     if COUNT[0](limit_min) and NON_NEG_INT[0](delay_s) and delay_s >= limit_min * 60:
         problems.append(f"hydra.launcher.signal_delay_s={delay_s} is not less than hydra.launcher.timeout_min="
@@ -237,6 +240,19 @@ def check_launcher(params: dict[str, Any]) -> None:
     if problems:
         raise UserError("invalid launcher config (nothing was submitted):\n  " + "\n  ".join(problems) +
                         "\n(conf/hydra/launcher/slurm.yaml documents each key; set them as hydra.launcher.<key>=...)")
+
+
+def _strings(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(dotted path, value) of every string in a nested dict/list, keys included (sbatch writes `--key=value`)."""
+    if isinstance(node, str):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(str(key), f"{path} (a key)")
+            yield from _strings(value, f"{path}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{path}[{i}]")
 
 
 def _leaves(node: DictConfig, problems: list[str], prefix: str = "") -> Iterator[tuple[str, Any]]:
