@@ -105,7 +105,7 @@ def run_copy(cnn_run, tmp_path):
 
 def test_resuming_with_another_model_names_the_mismatch(run_copy, mnist_root, tmp_path, capsys):
     args = [*train_args(mnist_root, tmp_path, val_size=40), f"ckpt_path={run_copy / 'checkpoints' / 'last.ckpt'}",
-            "model.hidden=64"]
+            "model.hidden=64", "+resume.force=true"]  # past the finished-run guard, to the weights' check
     err = fails("gradlab.run.train", config("train", args, tmp_path / "new"), capsys)
     assert "does not fit this model" in err
     assert "net.fc1.weight: (128, 9216) in the checkpoint, (64, 9216) here" in err
@@ -116,7 +116,9 @@ def test_resuming_with_damaged_data_leaves_the_run_alone(run_copy, mnist_root, t
     data = tmp_path / "damaged"
     shutil.copytree(mnist_root, data)
     truncate(data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
-    args = [*train_args(data, tmp_path, val_size=40), f"ckpt_path={run_copy / 'checkpoints' / 'last.ckpt'}"]
+    # Other overrides than the finished run's (logger, callbacks): +resume.force=true gets past the finished-run guard.
+    args = [*train_args(data, tmp_path, val_size=40), f"ckpt_path={run_copy / 'checkpoints' / 'last.ckpt'}",
+            "+resume.force=true"]
     err = fails("gradlab.run.train", config("train", args, tmp_path / "new"), capsys)
     assert "t10k-labels-idx1-ubyte is truncated" in err
 

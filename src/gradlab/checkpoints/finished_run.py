@@ -38,10 +38,14 @@ def guard(cfg: DictConfig, run_dir: str) -> None:
     if metrics.get("status") != "completed":
         return
     saved = load(str(ckpt_path))["gradlab_config"]
-    # Paths inside the run folder (checkpoint dirpath, logger save_dir) follow the folder when it was moved.
-    old_dir = str((saved.get("paths") or {}).get("output_dir") or "")
-    stored = _settings(_moved(saved, old_dir, str(cfg.paths.output_dir)) if old_dir else saved)
-    current = _settings(OmegaConf.to_container(cfg, resolve=True))
+    current = OmegaConf.to_container(cfg, resolve=True)
+    # Where things are is not a setting: paths under the run folder (checkpoint dirpath, logger save_dir) follow
+    # the folder when it was moved, and data.root follows paths.data_dir; the longest old path is replaced first.
+    old_paths, new_paths = saved.get("paths") or {}, current.get("paths") or {}
+    for key in sorted(old_paths, key=lambda k: -len(str(old_paths[k]))):
+        if isinstance(old_paths[key], str) and old_paths[key] and isinstance(new_paths.get(key), str):
+            saved = _moved(saved, old_paths[key], new_paths[key])
+    stored, current = _settings(saved), _settings(current)
     changes = _differences(stored, current, "")
     if not changes:
         return
