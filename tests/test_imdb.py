@@ -177,7 +177,7 @@ def test_missing_data_is_one_clear_message(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise URLError("Name or service not known")
 
-    monkeypatch.setattr(imdb, "download_and_extract_archive", offline)
+    monkeypatch.setattr(imdb, "download_url", offline)
     with pytest.raises(UserError, match=r"download failed.*data\.root="):
         IMDBDataModule(root=str(tmp_path), download=True).prepare_data()
 

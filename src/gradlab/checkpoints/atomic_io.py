@@ -8,11 +8,18 @@ place. When $TMPDIR is another filesystem than the run folder (a tmpfs /tmp; nod
 that move is a copy into the destination itself, so a kill during the copy leaves a torn last.ckpt (and a whole
 checkpoint left in /tmp); nothing is fsynced. Here the temp file sits beside the target, is fsynced, and
 os.replace() swaps it in: atomic on POSIX filesystems, NFS included. A reader sees the old file or the new one.
+
+Reading goes through here too (resuming with ckpt_path, the test stage's best checkpoint, a SLURM requeue's
+hpc_ckpt): always `weights_only=True`, whatever the caller asks, so a checkpoint never unpickles code. The
+file paths that Lightning's ModelCheckpoint keeps in its state (best_model_path, best_k_models, ...) are read as
+file names in the checkpoint's own folder: a crafted checkpoint cannot make the run test, or delete, a file
+elsewhere, and a run folder moved as a whole still finds its own best checkpoint.
 """
 
 import errno
 import io
 import os
+import pickle
 from typing import Any, Optional
 
 import torch
@@ -44,9 +51,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             _remove(tmp)
             raise UserError(save_failed_message(path, err)) from None
 
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+                        ) -> dict[str, Any]:
+        # weights_only is ignored on purpose: no path through Lightning may unpickle a checkpoint.
+        try:
+            if map_location is None:
+                checkpoint = super().load_checkpoint(path, weights_only=True)
+            else:
+                checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[-1][:200]
+            raise UserError(f"Refusing to load {path}: it holds Python objects other than tensors and plain data, "
+                            f"and loading them could run code ({first}). Only checkpoints written by train.py "
+                            "load.") from None
+        if "://" not in str(path):
+            keep_paths_inside(checkpoint, os.path.dirname(os.path.abspath(str(path))))
+        return checkpoint
+
     def remove_checkpoint(self, path) -> None:
         super().remove_checkpoint(path)
         _remove(str(path) + ".tmp")
+
+
+# ModelCheckpoint's state entries that hold file paths (Lightning 2.6, ModelCheckpoint.state_dict).
+PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def keep_paths_inside(checkpoint: dict[str, Any], folder: str) -> None:
+    """Point every checkpoint path in the callbacks' states at a file directly in `folder`: a path elsewhere becomes
+    the file of the same name in `folder` if there is one (a run folder moved or copied), else it is dropped."""
+    def inside(p: Any) -> str:
+        if not isinstance(p, str) or not p:
+            return ""
+        here = os.path.join(folder, os.path.basename(p))
+        return here if os.path.isfile(here) else ""
+
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if not isinstance(state, dict):
+            continue
+        for key in PATH_KEYS:
+            if isinstance(state.get(key), str) and state[key]:
+                state[key] = inside(state[key])
+        if isinstance(state.get("best_k_models"), dict):
+            kept = {inside(p): v for p, v in state["best_k_models"].items()}
+            state["best_k_models"] = {p: v for p, v in kept.items() if p}
 
 
 def save_failed_message(path: str, err: OSError) -> str:

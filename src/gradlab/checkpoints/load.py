@@ -2,7 +2,8 @@
 
 A checkpoint is read with `torch.load(weights_only=True)`: tensors and plain data only, so a file can
 never run code. The model is rebuilt from `checkpoint["gradlab_config"]` (the resolved run config that
-train.py stores), and only classes under `gradlab.` and `torch.nn.` may be named there.
+train.py stores), and only the classes and functions on gradlab.checkpoints.allow_list.ALLOWED, by their exact
+names, are built from it.
 """
 
 import os
@@ -10,11 +11,9 @@ import pickle
 from typing import Any, Optional
 
 import torch
-from hydra.utils import instantiate
 
+from gradlab.checkpoints import allow_list
 from gradlab.errors import UserError
-
-ALLOWED_TARGETS = ("gradlab.", "torch.nn.")
 
 
 def load(path: str) -> dict[str, Any]:
@@ -43,27 +42,12 @@ def load(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def check_targets(config: Any, where: str) -> None:
-    """UserError unless every `_target_` in `config` names a gradlab or torch.nn class."""
-    if isinstance(config, dict):
-        target = config.get("_target_")
-        if target is not None and not str(target).startswith(ALLOWED_TARGETS):
-            raise UserError(f"The checkpoint's config names {where}._target_={target!r}; only classes under "
-                            f"{' or '.join(ALLOWED_TARGETS)} are built from a checkpoint.")
-        for key, value in config.items():
-            check_targets(value, f"{where}.{key}")
-    elif isinstance(config, list):
-        for i, value in enumerate(config):
-            check_targets(value, f"{where}[{i}]")
-
-
 def build_module(checkpoint: dict[str, Any], path: str):
     """The checkpoint's ClassifierModule with its weights, ready for evaluation (no optimizer)."""
     model_cfg = checkpoint["gradlab_config"].get("model")
     if not isinstance(model_cfg, dict):
         raise UserError(f"{path} has no model section in its run config.")
-    check_targets(model_cfg, "model")
-    module = instantiate(model_cfg, _convert_="object")
+    module = allow_list.build(model_cfg, "model", path)
     check_state_dict(module, checkpoint["state_dict"], path, checkpoint["gradlab_config"], None)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()

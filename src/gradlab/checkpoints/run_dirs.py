@@ -4,8 +4,15 @@ where a resumed run writes.
     logs/train/runs/<time>/checkpoints/last.ckpt       # `last`: the newest of these, by modification time
     logs/train/runs/<time>/checkpoints/epoch_NNN.ckpt  # a run folder, for eval/predict: its best (metrics.json)
     logs/train/runs/<time>_01/                         # a second run started in the same second
+    logs/train/runs/<time>/run.lock                    # held (flock) by the process training in the folder
+
+A run folder belongs to one process at a time: train.py holds an exclusive `fcntl.flock` on its run.lock for the
+whole run. The kernel drops it when the process ends, however it ends, so a killed run never leaves a stale lock.
+A second run that would write into the folder (resuming it while it trains) is refused, and `ckpt_path=last` skips
+runs that are in use. DDP ranks other than 0 of the same run do not take it (rank 0 holds it for the run).
 """
 
+import fcntl
 import glob
 import json
 import os
@@ -119,7 +126,17 @@ def resolve_checkpoint(cfg: DictConfig) -> None:
         if not found:
             raise UserError(f"ckpt_path=last: no run under {runs} has a checkpoints/last.ckpt yet; "
                             "pass ckpt_path=<file.ckpt> instead.")
-        path = max(found, key=os.path.getmtime)
+        free = []
+        for candidate in sorted(found, key=os.path.getmtime, reverse=True):
+            run = os.path.dirname(os.path.dirname(candidate))
+            if is_locked(run):
+                print(f"ckpt_path=last: skipping {run}, which another process is training in right now.")
+            else:
+                free.append(candidate)
+        if not free:
+            raise UserError(f"ckpt_path=last: every run under {runs} with a last.ckpt is in use by another "
+                            "process; wait for it, or pass ckpt_path=<file.ckpt>.")
+        path = free[0]
     elif os.path.isdir(value):
         path = _checkpoint_of_run(value, best=task != "train")
     elif os.path.isfile(value):
@@ -134,6 +151,59 @@ def resolve_checkpoint(cfg: DictConfig) -> None:
         # bookkeeping Lightning restores only for the same folder), one TensorBoard history, one metrics.json.
         cfg.paths.output_dir = run_dir
         print(f"Resuming from {cfg.ckpt_path}; outputs continue in {run_dir}")
+
+
+LOCK_FILE = "run.lock"
+_held: dict[str, int] = {}  # run folder -> descriptor of its lock, held until this process ends
+
+
+def lock_run(run_dir: str) -> None:
+    """Hold the run folder's lock for the rest of this process; UserError if another process holds it."""
+    run_dir = os.path.realpath(run_dir)
+    if run_dir in _held or not _is_rank_zero():
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    # O_APPEND and nothing written: the file's bytes never change (a run folder stays byte for byte as it was).
+    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{run_dir} is in use: another process is training in it right now (it holds "
+                        f"{LOCK_FILE}). Nothing was written there. Wait for that run to end, or start a new run "
+                        "(without ckpt_path, or with ckpt_path=last, which skips runs in use).") from None
+    _held[run_dir] = fd
+
+
+def unlock_run(run_dir: str) -> None:
+    """Release the lock (the end of a run; a multirun's next job in this process takes its own folder's)."""
+    fd = _held.pop(os.path.realpath(run_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def is_locked(run_dir: str) -> bool:
+    """Whether another process holds the run folder's lock now (a folder without run.lock is free)."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    if os.path.realpath(run_dir) in _held or not os.path.isfile(path):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock taken by the probe
+
+
+def _is_rank_zero() -> bool:
+    # Ranks that Lightning's launcher (LOCAL_RANK, NODE_RANK), torchrun (RANK) or srun (SLURM_PROCID) started:
+    # only global rank 0 holds the lock; the others write nothing of their own into the folder.
+    return all(os.environ.get(key, "0") in ("0", "") for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _checkpoint_of_run(run_dir: str, best: bool) -> str:

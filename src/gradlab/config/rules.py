@@ -141,6 +141,7 @@ RULES: list[tuple[str, Check]] = [
     ("callbacks.*.window_size", (lambda v: _int(v) and v >= 2, "an integer >= 2 (batches in the rolling average)")),
     ("logger.*.flush_every_s", NON_NEGATIVE),
     # +tune=lr_find
+    ("resume.force", BOOL),  # +resume.force=true: go on with a finished run under changed settings
     ("tune.min_lr", POSITIVE), ("tune.max_lr", POSITIVE), ("tune.num_training", COUNT), ("tune.apply", BOOL),
     ("tune.early_stop_threshold", (lambda v: v is None or (_num(v) and v > 1), "a number > 1, or null")),
     # eval.py / predict.py
@@ -231,6 +232,9 @@ def check_launcher(params: dict[str, Any]) -> None:
     submits anything."""
     leaves = [(f"hydra.launcher.{key}", value) for key, value in params.items()]
     problems = _broken_rules(leaves, LAUNCHER_RULES)
+    problems += [f"{path}={value!r}: holds a control character (a newline would end the #SBATCH block and run "
+                 "what follows as a shell line); give a single plain line"
+                 for path, value in _strings(params, "hydra.launcher") if any(ord(c) < 32 or ord(c) == 127 for c in value)]
     limit_min, delay_s = params.get("timeout_min"), params.get("signal_delay_s")
     if COUNT[0](limit_min) and NON_NEG_INT[0](delay_s) and delay_s >= limit_min * 60:
         problems.append(f"hydra.launcher.signal_delay_s={delay_s} is not less than hydra.launcher.timeout_min="
@@ -238,6 +242,19 @@ def check_launcher(params: dict[str, Any]) -> None:
     if problems:
         raise UserError("invalid launcher config (nothing was submitted):\n  " + "\n  ".join(problems) +
                         "\n(conf/hydra/launcher/slurm.yaml documents each key; set them as hydra.launcher.<key>=...)")
+
+
+def _strings(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(dotted path, value) of every string in a nested dict/list, keys included (sbatch writes `--key=value`)."""
+    if isinstance(node, str):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(str(key), f"{path} (a key)")
+            yield from _strings(value, f"{path}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{path}[{i}]")
 
 
 def _leaves(node: DictConfig, problems: list[str], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -5,18 +5,26 @@ dimension as a big-endian uint32, then the data. torchvision reads a bad file wi
 reshape error that names neither the file nor the fix.
 
 A path ending in `.gz` (the files as downloaded) is checked and read through gzip, on its decompressed bytes.
+Nothing is read beyond what the header promises, and the header may promise no more items than the largest
+split of the MNIST family holds: a 228 KB gzip bomb whose header claims 2.6 GB is refused after 16 bytes.
 """
 
+import contextlib
 import gzip
 import os
 import struct
 import zlib
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from gradlab.data.bounded import open_regular
 from gradlab.errors import UserError
 
 UBYTE = 0x08
+# MNIST, Fashion-MNIST and KMNIST: 60,000 training and 10,000 test items, 28 x 28 pixels each.
+MAX_ITEMS = 60_000
+MAX_ITEM_BYTES = 28 * 28
 
 
 def read_header(path: str, ndim: int) -> tuple[int, ...]:
@@ -24,10 +32,13 @@ def read_header(path: str, ndim: int) -> tuple[int, ...]:
     try:
         with _open(path) as f:
             head = f.read(4 + 4 * ndim)
+            expected = 4 + 4 * ndim + _product(_dims(path, head, ndim))
             if _gz(path):  # its decompressed size is known only by decompressing it (which also finds damage)
-                size = len(head) + sum(len(chunk) for chunk in iter(lambda: f.read(1 << 20), b""))
+                size, left = len(head), expected + 1 - len(head)  # one byte more than promised tells "longer"
+                while left > 0 and (chunk := f.read(min(left, 1 << 20))):
+                    size, left = size + len(chunk), left - len(chunk)
             else:
-                size = os.path.getsize(path)
+                size = os.fstat(f.fileno()).st_size
     except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"Cannot read {path}: {_reason(err)}.") from None
     return _check_header(path, head, size, ndim)
@@ -37,11 +48,23 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     """The data of an unsigned-byte IDX file with `ndim` dimensions, shaped by its header, e.g. (N, 28, 28)."""
     try:
         with _open(path) as f:
-            data = f.read()
+            head = f.read(4 + 4 * ndim)
+            data = head + f.read(_product(_dims(path, head, ndim)) + 1)  # capped: the header is checked first
     except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"Cannot read {path}: {_reason(err)}.") from None
     dims = _check_header(path, data[:4 + 4 * ndim], len(data), ndim)
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()  # writable, for torch
+
+
+def _dims(path: str, head: bytes, ndim: int) -> tuple[int, ...]:
+    """The header's dimensions, refused when they promise more than any MNIST-family file holds."""
+    if len(head) < 4 + 4 * ndim:
+        return _check_header(path, head, len(head), ndim)  # raises: not IDX, or cut inside the header
+    dims = struct.unpack(f">{ndim}I", head[4:4 + 4 * ndim])
+    if dims[0] > MAX_ITEMS or _product(dims[1:]) > MAX_ITEM_BYTES:
+        raise UserError(f"{path} claims {' x '.join(map(str, dims))} items, more than any file of the MNIST "
+                        f"family holds (at most {MAX_ITEMS:,} of {MAX_ITEM_BYTES} bytes): not read.")
+    return dims
 
 
 def _check_header(path: str, head: bytes, size: int, ndim: int) -> tuple[int, ...]:
@@ -55,8 +78,9 @@ def _check_header(path: str, head: bytes, size: int, ndim: int) -> tuple[int, ..
     expected = 4 + 4 * ndim + _product(dims)
     if size != expected:
         what = "truncated" if size < expected else "longer than its header says"
+        has = f"{size}" if size < expected or not _gz(path) else "more"
         raise UserError(f"{path} is {what}: its header promises {' x '.join(map(str, dims))} bytes of data "
-                        f"({expected} bytes in all) but the file has {size}"
+                        f"({expected} bytes in all) but the file has {has}"
                         f"{' once decompressed' if _gz(path) else ''}.")
     return dims
 
@@ -74,7 +98,7 @@ def check_pair(images: str, labels: str, num_classes: int, image_size: tuple[int
         raise UserError(f"{images} holds {n_images} images but {labels} holds {n_labels} labels; "
                         "the two files must come from the same release.")
     with _open(labels) as f:
-        top = max(f.read()[8:], default=0)  # after 4 bytes of magic and one uint32 dimension
+        top = max(f.read(8 + n_labels)[8:], default=0)  # after 4 bytes of magic and one uint32 dimension
     if top >= num_classes:
         raise UserError(f"{labels} contains label {top}, but this dataset has {num_classes} classes "
                         f"(0..{num_classes - 1}).")
@@ -91,8 +115,14 @@ def _gz(path: str) -> bool:
     return path.endswith(".gz")
 
 
-def _open(path: str):
-    return gzip.open(path, "rb") if _gz(path) else open(path, "rb")
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[BinaryIO]:
+    with open_regular(path) as raw:
+        if _gz(path):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                yield f
+        else:
+            yield raw
 
 
 def _reason(err: BaseException) -> str:

@@ -7,9 +7,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gradlab.data.bounded import open_regular
 from gradlab.errors import UserError
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
+# extension -> the one PIL format a file so named is decoded as (Image.open(formats=...)): a file called .png
+# that is really an EPS, an ICNS or any of PIL's thirty other readers is refused, not decoded.
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
+           ".tif": "TIFF", ".tiff": "TIFF", ".pgm": "PPM", ".ppm": "PPM"}
+EXTENSIONS = tuple(FORMATS)
 SIZE = 28
 # A 48-megapixel photo is 8000 x 6000; a header that claims more is refused before any pixel is decoded.
 MAX_PIXELS = 8000 * 6000
@@ -27,6 +32,8 @@ def list_images(path: str) -> list[str]:
             raise UserError(f"input={path}: the folder holds no image files ({', '.join(EXTENSIONS)}).")
         return files
     if not os.path.isfile(path):
+        if os.path.exists(path):
+            raise UserError(f"input={path}: not a regular file (a FIFO, device or socket); give an image file.")
         raise UserError(f"input={path}: no such file or folder.")
     return [path]
 
@@ -38,16 +45,20 @@ def load_digit(path: str, invert: Union[bool, str] = "auto") -> torch.Tensor:
     images whose border is mostly light, i.e. dark ink on light paper. The image is then padded to a square
     and area-averaged down (or up) to 28x28, keeping its aspect ratio.
     """
+    ext = os.path.splitext(path)[1].lower()
+    formats = [FORMATS[ext]] if ext in FORMATS else sorted(set(FORMATS.values()))
     try:
-        with Image.open(path) as image:
+        with open_regular(path) as raw, Image.open(raw, formats=formats) as image:
             if image.width * image.height > MAX_PIXELS:  # before decoding: the header alone decides
                 raise ValueError(f"it claims {image.width} x {image.height} pixels, more than the "
                                  f"{MAX_PIXELS:,} read here")
             image = ImageOps.exif_transpose(image)
             image.load()
+    except UserError:
+        raise
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file PIL can read. Give a PNG or JPEG image (any size), or a "
-                        "folder of them.") from None
+        raise UserError(f"{path}: not an image file PIL can read as {' or '.join(formats)}. Give a PNG or JPEG "
+                        "image (any size), or a folder of them; the extension must name the format.") from None
     except Exception as err:  # PIL's decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error, ...
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise UserError(f"{path}: cannot be read as an image ({reason}). Give a PNG or JPEG image (any size), or "

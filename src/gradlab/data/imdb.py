@@ -14,8 +14,11 @@ import lightning.pytorch as pl
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, SequentialSampler
-from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.datasets.utils import download_url
 
+from gradlab.data.bounded import extract_tar, read_bytes
+from gradlab.data.resumable import ResumableLoader, SeededShuffle, run_seed
+from gradlab.data.text import BucketBatchSampler, ReviewDataset, encode, pad_collate, train_tokenizer
 from gradlab.config.rules import require, val_count
 from gradlab.data.resumable import ResumableLoader, SeededShuffle, run_seed
 from gradlab.data.text import (
@@ -50,21 +53,41 @@ def clean_review(text: str) -> str:
     return text.replace("<br />", " ")
 
 
-def read_review(path: str) -> str:
-    """One review file as text; a file that is not UTF-8 or cannot be read stops with its name and the fix.
+# The longest aclImdb review is 13.7 kB; a text file is read up to this many bytes, from the end that
+# data.truncate keeps (a 50 MB file costs 1 MiB, not its whole size, before the cut to max_len tokens).
+MAX_REVIEW_BYTES = 1 << 20
+
+
+def read_review(path: str, keep: str = "head", limit: int = MAX_REVIEW_BYTES) -> str:
+    """One review file as text (at most `limit` bytes of it, its first or last per `keep`); a file that is not
+    UTF-8 or cannot be read stops with its name and the fix.
 
     Not skipped: aclImdb is UTF-8 throughout, so such a file means a damaged copy, and training on a
     silently smaller set would not be comparable with other runs.
     """
+    data = read_bytes(path, limit + 1 if keep == "head" else limit, keep)
+    cut = len(data) > limit
+    if cut:
+        data = data[:limit]
+    elif keep == "tail" and len(data) == limit:
+        cut = True  # maybe: the read started inside the file
     try:
-        with open(path, encoding="utf-8") as fh:
-            return clean_review(fh.read())
+        return clean_review(_decode_cut(data, keep) if cut else data.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}). "
                         "aclImdb is UTF-8 throughout: extract the archive again, or convert the file "
                         "(iconv -f latin1 -t utf-8).") from None
-    except OSError as err:
-        raise UserError(f"Cannot read {path}: {err.strerror}.") from None
+
+
+def _decode_cut(data: bytes, keep: str) -> str:
+    """UTF-8 of bytes cut at one end (the end away from `keep`), where a character may be split in up to 3 bytes."""
+    for drop in range(4):
+        try:
+            return (data[:len(data) - drop] if keep == "head" else data[drop:]).decode("utf-8")
+        except UnicodeDecodeError:
+            if drop == 3:
+                raise
+    raise AssertionError("unreachable")
 
 
 def read_split(folder: str, split: str) -> tuple[list[str], torch.Tensor]:
@@ -127,9 +150,14 @@ class IMDBDataModule(pl.LightningDataModule):
             if not self.hparams.download:
                 raise UserError(missing_data_message(self.hparams.root, "download is off"))
             try:
-                download_and_extract_archive(URL, download_root=self.hparams.root, md5=MD5, remove_finished=True)
+                download_url(URL, self.hparams.root, md5=MD5)
             except (OSError, RuntimeError) as err:  # URLError is an OSError
                 raise UserError(missing_data_message(self.hparams.root, f"download failed: {err}")) from None
+            # Our own extraction, with tarfile's "data" filter: torchvision's writes ../, absolute and linked
+            # members outside the folder on Python 3.11 (only the MD5 check guarded it).
+            archive = os.path.join(self.hparams.root, os.path.basename(URL))
+            extract_tar(archive, self.hparams.root)
+            os.remove(archive)
             self.folder = dataset_folder(self.hparams.root)
         self._fit_cache()
         if has_split(self.folder, "test"):
@@ -193,7 +221,7 @@ class IMDBDataModule(pl.LightningDataModule):
                 log.warning("IMDB: %s has no test/pos and test/neg folders: training works, testing will not "
                             "(run with test=false, or extract the full archive).", self.folder)
             fit_cache = self._fit_cache()
-            data = torch.load(fit_cache)
+            data = torch.load(fit_cache, weights_only=True)  # a cache is a file too: tensors only
             self.train_set = self._dataset(data["train"], self.hparams.max_len)
             self.val_set = self._dataset(data["val"], self.hparams.eval_max_len)
             with open(os.path.join(os.path.dirname(fit_cache), "tokenizer.json")) as f:
@@ -204,7 +232,7 @@ class IMDBDataModule(pl.LightningDataModule):
                     f"The IMDB test split is missing: {self.folder} has no test/pos and test/neg folders "
                     f"(a train-only extraction?). Fix: extract the full {os.path.basename(URL)} there, or run "
                     f"with test=false to train and validate only.")
-            self.test_set = self._dataset(torch.load(self._test_cache())["test"], self.hparams.eval_max_len)
+            self.test_set = self._dataset(torch.load(self._test_cache(), weights_only=True)["test"], self.hparams.eval_max_len)
 
     def _dataset(self, part: dict, max_len: Optional[int]) -> ReviewDataset:
         return ReviewDataset(part["ids"], part["offsets"], part["labels"], max_len=max_len,

@@ -169,17 +169,25 @@ class MNISTDataModule(InMemoryDataModule):
 
 
 def _download(cls: type, root: str) -> None:
-    """Fetch the dataset's four files with torchvision, quietly; whatever is still missing afterwards, the caller
-    reports in one line (torchvision prints each mirror it tries and every error in full)."""
-    log.info("Downloading %s to %s", cls.__name__, os.path.join(root, cls.__name__, "raw"))
+    """Fetch the dataset's four .gz files (torchvision's mirrors and MD5s), quietly; whatever is still missing
+    afterwards, the caller reports in one line. They are kept compressed: gradlab.data.idx reads .gz with its caps,
+    so nothing is ever unpacked to disk (torchvision's download would decompress each file whole)."""
+    from torchvision.datasets.utils import download_url
+
+    folder = os.path.join(root, cls.__name__, "raw")
+    log.info("Downloading %s to %s", cls.__name__, folder)
     chatter = io.StringIO()
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen calls take no timeout of their own
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            cls(root, train=True, download=True)
-    except (RuntimeError, OSError):  # torchvision's "Error downloading ..."; URLError is an OSError
-        pass
+            for filename, md5 in cls.resources:
+                for mirror in cls.mirrors:
+                    try:
+                        download_url(f"{mirror}{filename}", folder, filename, md5)
+                        break
+                    except (RuntimeError, OSError):  # torchvision's "Error downloading ..."; URLError is an OSError
+                        continue
     finally:
         socket.setdefaulttimeout(timeout)
 

@@ -5,9 +5,9 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from gradlab.checkpoints import allow_list
 from gradlab.checkpoints import load as ckpt
 from gradlab.config.cli import after_import
 from gradlab.errors import UserError
@@ -55,7 +55,6 @@ def build_datamodule(run_cfg: dict, cfg: DictConfig, path: str) -> pl.LightningD
     data_cfg = dict(run_cfg.get("data") or {})
     if "_target_" not in data_cfg:
         raise UserError(f"{path} has no data section in its run config.")
-    ckpt.check_targets(data_cfg, "data")
     if cfg.data_dir:
         if "root" not in data_cfg:
             raise UserError(f"data_dir={cfg.data_dir}: the data of {path} ({data_cfg['_target_']}) read no files.")
@@ -64,7 +63,7 @@ def build_datamodule(run_cfg: dict, cfg: DictConfig, path: str) -> pl.LightningD
         data_cfg["batch_size"] = int(cfg.batch_size)
     if "download" in data_cfg:
         data_cfg["download"] = False  # evaluating never downloads: a missing dataset is reported, with its path
-    return instantiate(data_cfg, _convert_="object")
+    return allow_list.build(data_cfg, "data", path)
 
 
 def _scalars_of(results: dict) -> dict[str, float]:

@@ -81,7 +81,8 @@ def predict_texts(module, checkpoint: dict, data_cfg: dict, cfg: DictConfig) -> 
     if not vocabulary:
         raise UserError(f"{cfg.ckpt_path} holds no vocabulary (it was written before checkpoints carried one); "
                         "train again to predict on text.")
-    names, texts = read_texts(str(cfg.input), read_review, clean_review)
+    keep = data_cfg.get("truncate", "head")  # a long file is read from the end that training keeps, capped in bytes
+    names, texts = read_texts(str(cfg.input), lambda path: read_review(path, keep), clean_review)
     tokenizer = Tokenizer.from_str(vocabulary)
     ids, offsets = encode(tokenizer, texts)
     # Cut as in training: the same max_len and the same end of the review kept.
@@ -100,6 +101,8 @@ def read_texts(value: str, read, clean) -> tuple[list[str], list[str]]:
     """(names, texts): a .txt file, a folder of them (unreadable ones skipped and reported), or `value` itself."""
     if os.path.isfile(value):
         return [value], [read(value)]
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise UserError(f"input={value}: not a regular file (a FIFO, device or socket); give a .txt file.")
     if not os.path.isdir(value):
         if value.endswith(".txt"):
             raise UserError(f"input={value}: no such file (give the text itself, a .txt file or a folder).")

@@ -12,6 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gradlab.config.cli import after_import
+from gradlab.checkpoints.finished_run import guard as guard_finished_run
+from gradlab.checkpoints.run_dirs import lock_run, unlock_run
 from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.run.ddp import ddp_children_join_this_job
 from gradlab.run.hparams import log_hparams
@@ -21,6 +23,8 @@ from gradlab.run.precision import resolve as resolve_precision
 from gradlab.run.ranks import RanksAgree
 from gradlab.run.results import print_results, write_metrics
 from gradlab.run.trackers import log_config, record_results
+from gradlab.config.cli import after_import
+from gradlab.errors import UserError
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
@@ -60,8 +64,13 @@ def output_dir(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> Optional[float]:
     after_import(cfg)
-    with ddp_children_join_this_job(output_dir(cfg)):
-        return _run(cfg)
+    lock_run(output_dir(cfg))  # the run folder is this process's until the run ends (ckpt_path=last skips it)
+    try:
+        guard_finished_run(cfg, output_dir(cfg))
+        with ddp_children_join_this_job(output_dir(cfg)):
+            return _run(cfg)
+    finally:
+        unlock_run(output_dir(cfg))
 
 
 def _run(cfg: DictConfig) -> Optional[float]:
@@ -88,19 +97,21 @@ def _run(cfg: DictConfig) -> Optional[float]:
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
+        # A job SLURM requeued without a preemption checkpoint continues from its own last.ckpt.
         ckpt_path = cfg.get("ckpt_path") or requeued_checkpoint(output_dir(cfg))
         if ckpt_path and not cfg.get("ckpt_path"):
             print(f"SLURM requeued this job (restart {os.environ.get('SLURM_RESTART_COUNT')}): resuming from {ckpt_path}")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only=True: resuming never unpickles (AtomicCheckpointIO enforces it too, whatever the caller says).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(_scalars(trainer.callback_metrics))
         metrics.update(_throughput(trainer))
         if trainer.is_global_zero and not trainer.interrupted:
             metrics = _fit_metrics_of_finished_fit(metrics, output_dir(cfg), trainer)
-    best = _best_checkpoint(trainer)
+    best = _best_checkpoint(trainer, output_dir(cfg))
     if cfg.get("test", True):
         if best is None and cfg.get("train", True) and not trainer.fast_dev_run:
             print("No best checkpoint was saved; testing the weights at the end of training.")
-        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update(_scalars(trainer.callback_metrics))
 
     if getattr(datamodule, "data_note", None):  # e.g. MNIST's shipped sample stood in for the real thing
@@ -160,7 +171,19 @@ def _throughput(trainer: pl.Trainer) -> dict[str, float]:
     return next((cb.means(trainer) for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), {})
 
 
-def _best_checkpoint(trainer: pl.Trainer) -> Optional[str]:
+def _best_checkpoint(trainer: pl.Trainer, run_dir: str) -> Optional[str]:
+    """The best checkpoint to test: only a file in this run's own checkpoints/ folder. Lightning restores
+    best_model_path from a resumed checkpoint's state, which a crafted or foreign file may point anywhere."""
     ckpt = trainer.checkpoint_callback
     path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
-    return path if path and os.path.exists(path) else None
+    if not path or not os.path.exists(path):
+        return None
+    # The folder this run's ModelCheckpoint writes to (conf/callbacks: <run>/checkpoints), from the user's config.
+    own = os.path.realpath(getattr(ckpt, "dirpath", None) or os.path.join(run_dir, "checkpoints"))
+    if os.path.dirname(os.path.realpath(path)) != own:
+        raise UserError(f"The best checkpoint to test, {path}, lies outside this run's checkpoints folder {own} "
+                        "(its path came from the state of the checkpoint the run resumed from); it is not tested. "
+                        "The fit's metrics are in metrics.json (status: testing); test the run with python eval.py "
+                        f"ckpt_path={own}/<file>.ckpt.")
+    return path
+
