@@ -15,6 +15,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from gradlab.observe.lightning_private import file_writer
+
 # The config groups whose every value is a hyperparameter; other groups contribute only what a run overrides.
 GROUPS = ("model", "optimizer", "scheduler")
 KEYS = ("seed", "data.batch_size", "trainer.max_epochs", "trainer.precision", "trainer.gradient_clip_val")
@@ -51,7 +53,7 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, metrics: dict[str, Any]) -
     summaries = hparams_summary(run_hparams(cfg), columns)
     for logger in loggers:
         # The experiment's file writer: the events land in the run's own folder, beside its scalars.
-        writer = logger.experiment._get_file_writer()
+        writer = file_writer(logger.experiment)
         for summary in summaries:
             writer.add_summary(summary)
         logger.experiment.flush()
