@@ -60,6 +60,10 @@ def _hint(exc: BaseException, layer: Optional[str]) -> str:
 def _guard_hook(fn: Callable) -> Callable:
     def hook(self: "Instrument", trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
         if self.failure is not None:
+            try:
+                self.switch_off()  # again: a failure inside a hook may leave the cleanup to the next hook
+            except Exception:  # noqa: BLE001
+                pass
             return None
         try:
             return fn(self, trainer, *args, **kwargs)

@@ -35,6 +35,7 @@ from rich.console import Console
 
 from gradlab.config.rules import require
 from gradlab.observe.common import Instrument, dense, due, interval, tag
+from gradlab.observe.health_rules import exploding, vanishing
 from gradlab.observe.lightning_private import keep_checkpoints, stop_now
 from gradlab.observe.writer import log_histogram, log_scalars
 
@@ -50,8 +51,10 @@ class GradNormMonitor(Instrument):
     log_every_n_steps: optimizer steps between logs (gradlab.observe.common.EVERY_N: null follows the trainer, 0 off).
     update_ratio: also log `param_norm/*` and `update_ratio/*` (costs a copy of the weights on logging steps).
     histogram_every_n_steps: gradient histograms every M optimizer steps; 0 switches them off.
-    vanishing_threshold, exploding_threshold, patience: warn when a parameter's gradient norm stays below /
-        above the threshold for `patience` logging steps in a row.
+    vanishing_threshold, exploding_threshold, patience: warn when a weight's gradient norm stays below
+        `vanishing_threshold` times the largest of a layer after it, or a parameter's above `exploding_threshold`,
+        for `patience` logging steps in a row (gradlab.observe.health_rules.vanishing/exploding: the report's
+        definitions).
     on_nonfinite: "warn" prints a warning on logging steps; "stop" checks every step, skips the optimizer
         step whose gradients are NaN/inf (so the weights stay finite) and ends training cleanly.
     strip_prefix: removed from parameter names in tags (`net.conv1.weight` -> `conv1.weight`).
@@ -66,7 +69,7 @@ class GradNormMonitor(Instrument):
         log_every_n_steps: Optional[int] = None,
         update_ratio: bool = True,
         histogram_every_n_steps: int = 0,
-        vanishing_threshold: float = 1e-6,
+        vanishing_threshold: float = 1e-3,
         exploding_threshold: float = 1e3,
         patience: int = 3,
         on_nonfinite: str = "stop",
@@ -184,9 +187,10 @@ class GradNormMonitor(Instrument):
     def _check_health(self, step: int, norms: dict[str, float]) -> None:
         """Warn once when a parameter enters a bad state and has stayed in it long enough."""
         events: dict[str, list[tuple[str, float]]] = {}
+        weak = set(vanishing(norms, self.vanishing_threshold))
         for name, value in norms.items():
-            state = (NONFINITE if not math.isfinite(value) else VANISHING if value < self.vanishing_threshold
-                     else EXPLODING if value > self.exploding_threshold else None)
+            state = (NONFINITE if not math.isfinite(value) else VANISHING if name in weak
+                     else EXPLODING if exploding(value, self.exploding_threshold) else None)
             prev, count = self._health.get(name, (None, 0))
             count = count + 1 if state == prev else 1
             self._health[name] = (state, count)
@@ -205,7 +209,8 @@ class GradNormMonitor(Instrument):
                       "use on_nonfinite=stop to keep the last good weights, and lower the learning rate or clip "
                       "(trainer.gradient_clip_val=1.0).")
         elif state == VANISHING:
-            advice = (f"below {self.vanishing_threshold:g} for {self.patience} logging steps: these layers barely "
+            advice = (f"below {self.vanishing_threshold:g} times the gradient of a later layer for {self.patience} "
+                      "logging steps: these layers barely "
                       "learn. Saturating activations (sigmoid, tanh), depth without normalization or a poor init "
                       "are the usual causes.")
         else:

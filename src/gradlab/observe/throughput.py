@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 
+from gradlab.observe.common import Instrument
 from gradlab.observe.lightning_private import throughput_totals
 
 
@@ -35,11 +36,13 @@ def is_text(batch: Any) -> bool:
     return isinstance(batch, (tuple, list)) and len(batch) == 3
 
 
-class ThroughputMonitor(LightningThroughputMonitor):
+class ThroughputMonitor(Instrument, LightningThroughputMonitor):
     """Samples/s for every model, tokens/s when the batches are text; `means()` for metrics.json.
 
     window_size: batches in the rolling average of the logged curves.
     """
+
+    name = "throughput"
 
     def __init__(self, window_size: int = 50):
         super().__init__(batch_size_fn=samples, window_size=window_size)
