@@ -59,6 +59,7 @@ def _hint(exc: BaseException, layer: Optional[str]) -> str:
 
 def _guard_hook(fn: Callable) -> Callable:
     def hook(self: "Instrument", trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+        fn = hook.__wrapped__  # looked up per call: a test can plant a failure in the real hook
         if self.failure is not None:
             try:
                 self.switch_off()  # again: a failure inside a hook may leave the cleanup to the next hook
@@ -68,7 +69,7 @@ def _guard_hook(fn: Callable) -> Callable:
         try:
             return fn(self, trainer, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the point: nothing an instrument does may end the run
-            self.fail(exc, fn.__name__)
+            self.fail(exc, hook.__name__)
             return None
     hook.__name__, hook.__doc__, hook.__wrapped__ = fn.__name__, fn.__doc__, fn
     hook._guarded = True
@@ -116,7 +117,7 @@ class Instrument(Callback):
         except Exception:  # noqa: BLE001 - switching off is best effort; the instrument's hooks are no-ops now
             pass
         on = f" on layer {layer}" if layer else ""
-        Console(stderr=True).print(
+        Console(stderr=True, soft_wrap=True).print(
             f"[bold red]instrument error[/]: {self.name} failed in {where}{on}: {self.failure['error']} "
             f"({self.failure['at']}). {self.name} is off for the rest of the run; training goes on unchanged. "
             f"Hint: {self.failure['hint']}.", highlight=False)
