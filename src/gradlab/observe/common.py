@@ -94,7 +94,11 @@ class Instrument(Callback):
                 setattr(cls, hook, _guard_hook(fn))
 
     def guarded(self, fn: Callable, layer: Optional[str] = None, where: Optional[str] = None) -> Callable:
-        """`fn` as a module or tensor hook that never raises into the host's forward or backward."""
+        """`fn` as a module or tensor hook that never raises into the host's forward or backward.
+
+        torch.compile does not trace into it: a compiled network runs its graphs, and the hook runs eagerly
+        between them (a graph break per hooked module, on logging steps only)."""
+        @torch.compiler.disable
         def hook(*args: Any) -> Any:
             if self.failure is not None:
                 return None

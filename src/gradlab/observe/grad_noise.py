@@ -342,7 +342,7 @@ class PerExampleTap:
     def _on_output_grad(self, out: torch.Tensor):
         # Runs before any parameter's gradient exists: the extra half-batch backward, if one is needed.
         def hook(grad: torch.Tensor) -> None:
-            if self._in_split:  # the extra backward below starts at this same tensor
+            if self._in_split or not self._handles:  # the extra backward below starts at this same tensor
                 return
             rows = self._rows
             self.n += rows
@@ -366,7 +366,8 @@ class PerExampleTap:
     def _on_layer_grad(self, i: int, module: nn.Module, call: int):
         @_without_graph
         def hook(d: torch.Tensor) -> None:
-            if self._in_split or i in self.estimated:
+            # Detached (a later backward through this graph, manual optimization) or measured otherwise: nothing.
+            if self._in_split or i in self.estimated or not self._handles or i not in self._inputs:
                 return
             a = self._inputs[i][call - 1]
             rows, f = self._rows, self.scale * self._rows  # δ carries 1/(k·n) of the mean loss: back to gᵢ itself
