@@ -169,8 +169,9 @@ class _Watch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         kind = KINDS.get(func)
-        if kind is None and func is not F.scaled_dot_product_attention and func is not F.multi_head_attention_forward:
-            return func(*args, **kwargs)
+        if self.monitor._depth <= 0 or (kind is None and func is not F.scaled_dot_product_attention
+                                        and func is not F.multi_head_attention_forward):
+            return func(*args, **kwargs)  # outside the model's modules (the loss, metrics): not an activation
         self.monitor._inside = True  # a failure in here may not exit this mode (see switch_off)
         try:
             return self._watched(func, kind, args, kwargs)
@@ -224,6 +225,7 @@ class ActivationMonitor(Instrument):
         self._pending: Optional[torch.Tensor] = None
         self._step = -1  # the optimizer step whose micro-batches the accumulators hold
         self._inside = False  # within _Watch.__torch_function__
+        self._depth = 0  # forwards of the LightningModule or a module directly under it now running
 
     def every(self) -> int:
         """The interval in optimizer steps this run uses (0: off), known from the start of training."""
@@ -291,7 +293,10 @@ class ActivationMonitor(Instrument):
     def _arm(self, module: nn.Module) -> None:
         if self._mode is not None:
             return
-        self._feeder, self._seen = None, {}
+        self._feeder, self._seen, self._depth = None, {}, 0
+        for top in (module, *module.children()):  # inside one of these: the model's forward, not the loss
+            self._handles.append(top.register_forward_pre_hook(self.guarded(self._enter)))
+            self._handles.append(top.register_forward_hook(self.guarded(self._leave)))
         for sub in module.modules():
             name = self._names.get(sub, "")
             if isinstance(sub, FEEDERS):
@@ -310,6 +315,12 @@ class ActivationMonitor(Instrument):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def _enter(self, module, args) -> None:
+        self._depth += 1
+
+    def _leave(self, module, args, output) -> None:
+        self._depth -= 1
 
     def _fed(self, module, args, output) -> None:
         self._feeder = self._names.get(module)
