@@ -69,10 +69,11 @@ class TwiceAndFrozen(pl.LightningModule):
         self.shared = nn.Linear(8, 8)
         self.odd = nn.Linear(8, 8)
         self.head = nn.Linear(8, 3)
+        self.relu, self.tanh = nn.ReLU(), nn.Tanh()  # torch.relu right in training_step would not be watched
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        h = torch.tanh(self.shared(torch.relu(self.shared(self.frozen(x)))))
+        h = self.tanh(self.shared(self.relu(self.shared(self.frozen(x)))))
         if batch_idx % 2:
             h = h + self.odd(h)
         return F.cross_entropy(self.head(h), y)
