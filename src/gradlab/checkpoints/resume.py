@@ -57,6 +57,10 @@ class ResumeCheckpoint(Callback):
         self._rng_to_restore: Optional[dict] = None
         self._after_save: Optional[Any] = None  # a signal handler put off until our checkpoint is written
 
+    def stop_periodic(self) -> None:
+        """No periodic last.ckpt from here on (signals still write one): the weights have diverged."""
+        self.every_n_train_steps = self.every_s = None
+
     # ---- signals ----------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_save = time.monotonic()

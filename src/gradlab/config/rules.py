@@ -136,7 +136,16 @@ RULES: list[tuple[str, Check]] = [
     ("callbacks.*.save_top_k", (lambda v: _int(v) and v >= -1, "an integer >= -1 (-1: keep all)")),
     ("callbacks.*.every_n_train_steps", (lambda v: v is None or (_int(v) and v >= 0), "an integer >= 0, or null")),
     ("callbacks.*.every_n_minutes", (lambda v: v is None or (_num(v) and v > 0), "a number > 0, or null")),
+    # the instruments (gradlab.observe); log_every_n_steps: gradlab.observe.common.EVERY_N
+    ("callbacks.*.log_every_n_steps", (lambda v: v is None or (_int(v) and v >= 0),
+                                       "an integer >= 0 (0: off), or null (follow trainer.log_every_n_steps)")),
+    ("callbacks.*.histogram_every_n_steps", NON_NEG_INT),
+    ("callbacks.grad_norm.patience", COUNT),  # logging steps in a bad state before a warning: at least one
     ("callbacks.*.patience", NON_NEG_INT),
+    ("callbacks.*.on_nonfinite", _one_of("stop", "warn")),
+    ("callbacks.*.smoothing", FRACTION),
+    ("callbacks.*.conv_sample", (lambda v: v == "auto" or (_num(v) and 0 < v <= 1), "auto or a fraction in (0, 1]")),
+    ("callbacks.*.estimate_every", (lambda v: v == "auto" or COUNT[0](v), "auto or an integer >= 1")),
     ("callbacks.*.when", _one_of("auto", "always", "never")),
     ("callbacks.*.window_size", (lambda v: _int(v) and v >= 2, "an integer >= 2 (batches in the rolling average)")),
     ("logger.*.flush_every_s", NON_NEGATIVE),

@@ -16,18 +16,10 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, SequentialSampler
 from torchvision.datasets.utils import download_url
 
+from gradlab.config.rules import require, val_count
 from gradlab.data.bounded import extract_tar, read_bytes
 from gradlab.data.resumable import ResumableLoader, SeededShuffle, run_seed
 from gradlab.data.text import BucketBatchSampler, ReviewDataset, encode, pad_collate, train_tokenizer
-from gradlab.config.rules import require, val_count
-from gradlab.data.resumable import ResumableLoader, SeededShuffle, run_seed
-from gradlab.data.text import (
-    BucketBatchSampler,
-    ReviewDataset,
-    encode,
-    pad_collate,
-    train_tokenizer,
-)
 from gradlab.errors import UserError
 
 log = logging.getLogger(__name__)

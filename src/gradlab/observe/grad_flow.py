@@ -12,8 +12,8 @@ are the same picture. Rank 0 only; about half a second of matplotlib per picture
 from typing import Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 
+from gradlab.observe.common import Instrument
 from gradlab.observe.events import RunReader
 from gradlab.observe.grad_flow_picture import png_size, render_png
 from gradlab.observe.writer import flush, log_dir, log_image_png
@@ -21,8 +21,10 @@ from gradlab.observe.writer import flush, log_dir, log_image_png
 TAG = "grad_flow"
 
 
-class GradFlowImage(Callback):
+class GradFlowImage(Instrument):
     """Logs the `grad_flow` image; `weights_only` leaves biases and norm parameters out of the picture."""
+
+    name = "grad_flow"
 
     def __init__(self, weights_only: bool = False):
         self.weights_only = weights_only

@@ -21,13 +21,16 @@ sample variance), else a micro-batch or half of one (the two-batch-size estimato
 Appendix A, with B_small = n_j and B_big = N).
 
 Where per-example gradient norms come from (`PerExampleTap`, module forward hooks for the input aᵢ plus a
-tensor hook on the output for δᵢ = ∂L/∂outᵢ; nothing reads a Function's ctx):
+tensor hook on the output for δᵢ = ∂L/∂outᵢ; nothing reads a Function's ctx). The model's output (B, ...) is
+that of the LightningModule's `__call__`, or, where the module calls `self.forward(x)` or a submodule directly,
+the last output of a module directly under it; a tuple output `(logits, loss)` gives its first (B, ...) tensor.
     nn.Linear and gradlab.autograd.modules.Linear on (B, in): ‖gᵢ(W)‖² = ‖aᵢ‖²·‖δᵢ‖² (Goodfellow 2015) and
         ‖gᵢ(b)‖² = ‖δᵢ‖², O(B·(in+out)); on (B, T, in) the per-example gradient sums T outer products: as conv.
     nn.Conv2d: the per-example gradient (out, in·k²) materialized by one batched matmul per kernel tap, or the
         Gram form Σ_pq (UUᵀ)_pq(δδᵀ)_pq when P·(in·k²+out) < in·k²·out (P output positions): for the MNIST CNN
         materializing is 96x (conv1) and 11x (conv2) fewer multiply-adds than the Gram form.
-    everything else (RNN/GRU/LSTM, embeddings, a layer called twice in one forward) and
+    everything else (RNN/GRU/LSTM, embeddings, a layer called twice in one forward, weights tied between two
+        layers, which are counted once, under the first layer's name) and
         every layer of a model with batch norm in training mode: groups. Where a step has several micro-batches
         (trainer.accumulate_grad_batches) or ranks (DDP), each micro-batch on each rank is a group, read from the
         parameter's gradient before accumulation and all-reduce: free. Otherwise the batch is split in two
@@ -43,17 +46,17 @@ gradients instead of accumulating them, and on other steps no hook is attached.
 """
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from torch import nn
 
-from gradlab.errors import UserError
-from gradlab.observe.grad_norm import _log
+from gradlab.config.rules import require
+from gradlab.observe.common import Instrument, dense, due, interval, tag
+from gradlab.observe.writer import log_scalars
 
 PREFIX = "grad_noise/"
 
@@ -210,23 +213,45 @@ class PerExampleTap:
     expectation and the estimators stay unbiased, with more variance; the cost of the norms falls in proportion.
     """
 
-    def __init__(self, model: nn.Module, strip_prefix: str = "", conv_sample: float = 1.0):
+    def __init__(self, model: nn.Module, strip_prefix: str = "", conv_sample: float = 1.0,
+                 wrap: Optional[Callable] = None):
         if not 0 < conv_sample <= 1:
             raise ValueError(f"conv_sample must be in (0, 1], not {conv_sample!r}")
         self.model = model
         self.conv_sample = conv_sample
+        # wrap(hook, layer): the owning instrument's guard around every hook the tap attaches
+        self.wrap = wrap or (lambda fn, layer=None: fn)
         self.layers: list[tuple[str, nn.Module, list[nn.Parameter]]] = []
+        self._kinds: list[Optional[str]] = []
+        owner: dict[int, int] = {}  # id(parameter) -> the layer that holds it (tied weights: the first)
         for name, module in model.named_modules():
-            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            params = [p for p in own if id(p) not in owner]
+            kind = exact_kind(module)
+            for p in own:
+                if id(p) in owner:  # tied: the gradient sums both uses, so neither layer's own input gives it
+                    self._kinds[owner[id(p)]] = kind = None
             if params:
-                tag = name[len(strip_prefix):] if strip_prefix and name.startswith(strip_prefix) else name
-                self.layers.append((tag or "model", module, params))
-        self._kinds = [exact_kind(module) for _, module, _ in self.layers]
+                owner.update((id(p), len(self.layers)) for p in params)
+                self.layers.append((tag(name, strip_prefix) or "model", module, params))
+                self._kinds.append(kind)
         self._norms = [(name, m) for name, m in model.named_modules()
                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.batch_norm: list[str] = []  # batch-norm layers in training mode, seen in the last backward
         self._handles: list[Any] = []
         self.estimated: set[int] = set()  # layers measured by groups in the last micro-batch
+        # One step's state (attach), then one micro-batch's (start):
+        self.scale, self.grouped, self.estimate = 1.0, False, True
+        self.q: list[Optional[torch.Tensor]] = []    # Σ_j ‖s_j‖²/n_j per layer, a tensor on the device
+        self.m: list[int] = []                       # groups per layer
+        self.n = 0                                   # examples in the step
+        self._param_hooked: set[int] = set()         # layers whose parameters have a hook (estimated ones only)
+        self._inputs: dict[int, list[Any]] = {}      # layer -> inputs of its calls in this micro-batch
+        self._outputs: list[tuple[bool, torch.Tensor]] = []  # (the model's own?, output): candidates for (B, ...)
+        self._split: dict[nn.Parameter, torch.Tensor] = {}   # the first half's gradient per parameter
+        self._rows = 0                               # B of this micro-batch
+        self._in_split = False                       # inside the extra half-batch backward
+        self._prepared: set[int] = set()             # outputs that have their gradient hook
 
     # -- attach / detach
     def attach(self, scale: float = 1.0, grouped: bool = False, estimate: bool = True) -> None:
@@ -235,14 +260,17 @@ class PerExampleTap:
         if self._handles:
             return
         self.scale, self.grouped, self.estimate = scale, grouped, estimate or grouped
-        self.q = [None] * len(self.layers)           # Σ_j ‖s_j‖²/n_j per layer, a tensor on the device
-        self.m = [0] * len(self.layers)              # groups per layer
-        self.n = 0                                   # examples in the step
-        self._param_hooked: set[int] = set()       # layers whose parameters have a hook (estimated ones only)
-        for i, (_, module, _) in enumerate(self.layers):
-            self._handles.append(module.register_forward_hook(self._on_layer_forward(i)))
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_start))
-        self._handles.append(self.model.register_forward_hook(self._on_model_end))
+        self.q = [None] * len(self.layers)
+        self.m = [0] * len(self.layers)
+        self.n = 0
+        self._param_hooked = set()
+        for i, (name, module, _) in enumerate(self.layers):
+            self._handles.append(module.register_forward_hook(self.wrap(self._on_layer_forward(i), name)))
+        # The model's output: the LightningModule's own, else the last of a module directly under it.
+        self._handles.append(self.model.register_forward_hook(self.wrap(self._on_output(True))))
+        for child in self.model.children():
+            self._handles.append(child.register_forward_hook(self.wrap(self._on_output(False))))
+        self.start()
 
     @property
     def attached(self) -> bool:
@@ -251,7 +279,7 @@ class PerExampleTap:
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._inputs, self._split = [], {}, {}
+        self._handles, self._inputs, self._split, self._outputs = [], {}, {}, []
 
     def collect(self) -> tuple[list[str], torch.Tensor, torch.Tensor, int]:
         """(layer names, q (L,), m (L,), n) of the layers that received gradients."""
@@ -261,23 +289,41 @@ class PerExampleTap:
         return [self.layers[i][0] for i in kept], q, m, self.n
 
     # -- hooks of one micro-batch
-    def _on_model_start(self, module, args) -> None:
-        self._inputs: dict[int, list[torch.Tensor]] = {}  # layer -> inputs of its calls in this forward
-        self._split: dict[nn.Parameter, torch.Tensor] = {}
-        self._rows = 0
+    def start(self) -> None:
+        """A new micro-batch (the callback calls it at each training batch start, while attached)."""
+        self._inputs, self._split, self._outputs, self._rows, self._prepared = {}, {}, [], 0, set()
 
     def _on_layer_forward(self, i: int):
         def hook(module, args, out):
             self._inputs.setdefault(i, []).append(args[0] if args else None)
             if self._kinds[i] and torch.is_tensor(out) and out.requires_grad:
-                out.register_hook(self._on_layer_grad(i, module, len(self._inputs[i])))
+                out.register_hook(self.wrap(self._on_layer_grad(i, module, len(self._inputs[i])), self.layers[i][0]))
         return hook
 
-    def _on_model_end(self, module, args, out) -> None:
-        # Decide per layer now: in the backward, a layer's hook on the model's own output tensor runs before ours.
-        # Under DDP, Lightning also routes training_step through this module's __call__: its output is the loss.
-        if not (torch.is_tensor(out) and out.requires_grad and out.dim() > 0):
-            return
+    def _on_output(self, own: bool):
+        def hook(module, args, out) -> None:
+            # (logits, loss) or {"logits": ...}: the first (B, ...) tensor. Under DDP, Lightning also routes
+            # training_step through the module's __call__: that output is the loss, (), and is left out.
+            items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else (out,)
+            found = next((t for t in items if torch.is_tensor(t) and t.requires_grad and t.dim() > 0), None)
+            if found is not None:
+                self._outputs.append((own, found))
+                if own:
+                    self.prepare()  # called through __call__: decide now (a tap used without the callback)
+        return hook
+
+    def prepare(self) -> None:
+        """Before the backward (on_before_backward): decide per layer between exact and estimated.
+
+        Decide now: in the backward, a layer's hook on the model's own output tensor runs before ours."""
+        own = [t for is_own, t in self._outputs if is_own]
+        out = (own or [t for _, t in self._outputs] or [None])[-1]
+        if out is None:
+            raise RuntimeError("no (B, ...) output with a gradient from the LightningModule or a module directly "
+                               "under it, so the batch's examples cannot be told apart")
+        if id(out) in self._prepared:
+            return  # a second backward through the same output (manual optimization)
+        self._prepared.add(id(out))
         rows = self._rows = out.shape[0]
         self.batch_norm = [name for name, m in self._norms if m.training]  # they mix the batch's examples
         self.estimated = set()
@@ -289,13 +335,14 @@ class PerExampleTap:
                 self.estimated.add(i)
                 if self.estimate and i not in self._param_hooked:  # before the backward, once per step
                     self._param_hooked.add(i)
-                    self._handles += [p.register_hook(self._on_param_grad(i, p)) for p in self.layers[i][2]]
-        out.register_hook(self._on_output_grad(out))
+                    self._handles += [p.register_hook(self.wrap(self._on_param_grad(i, p), self.layers[i][0]))
+                                      for p in self.layers[i][2]]
+        out.register_hook(self.wrap(self._on_output_grad(out)))
 
     def _on_output_grad(self, out: torch.Tensor):
         # Runs before any parameter's gradient exists: the extra half-batch backward, if one is needed.
         def hook(grad: torch.Tensor) -> None:
-            if self._in_split:  # the extra backward below starts at this same tensor
+            if self._in_split or not self._handles:  # the extra backward below starts at this same tensor
                 return
             rows = self._rows
             self.n += rows
@@ -312,8 +359,6 @@ class PerExampleTap:
             self._split = {p: g for p, g in zip(params, half)}
         return hook
 
-    _in_split = False
-
     def _add(self, i: int, value: torch.Tensor, groups: int) -> None:
         self.q[i] = value if self.q[i] is None else self.q[i] + value
         self.m[i] += groups
@@ -321,7 +366,8 @@ class PerExampleTap:
     def _on_layer_grad(self, i: int, module: nn.Module, call: int):
         @_without_graph
         def hook(d: torch.Tensor) -> None:
-            if self._in_split or i in self.estimated:
+            # Detached (a later backward through this graph, manual optimization) or measured otherwise: nothing.
+            if self._in_split or i in self.estimated or not self._handles or i not in self._inputs:
                 return
             a = self._inputs[i][call - 1]
             rows, f = self._rows, self.scale * self._rows  # δ carries 1/(k·n) of the mean loss: back to gᵢ itself
@@ -365,10 +411,11 @@ class PerExampleTap:
 
 
 # ---- the callback --------------------------------------------------------------------------------------------
-class GradNoiseMonitor(Callback):
+class GradNoiseMonitor(Instrument):
     """Logs grad_noise/{trace_cov,signal,b_simple,snr}/<layer> and /total every `log_every_n_steps` optimizer steps.
 
-    log_every_n_steps: 0 switches the instrument off (no hook is ever attached).
+    log_every_n_steps: optimizer steps between readings (gradlab.observe.common.EVERY_N: null follows the
+        trainer, 0 switches the instrument off: no hook is ever attached).
     conv_sample: the fraction of each batch whose per-example norms conv layers compute (the first rows, see
         PerExampleTap); `auto`: all rows when logging every 16 steps or more sparsely, where a reading must stand
         on its own, else a quarter: the norms of the CNN's conv2 cost about two of its weight gradients, and
@@ -383,27 +430,19 @@ class GradNoiseMonitor(Callback):
     strip_prefix: removed from module names in tags (`net.conv1` -> `conv1`).
     """
 
-    def __init__(self, log_every_n_steps: int = 64, smoothing: float = 0.9, strip_prefix: str = "net.",
+    name = "grad_noise"
+
+    def __init__(self, log_every_n_steps: Optional[int] = 64, smoothing: float = 0.9, strip_prefix: str = "net.",
                  conv_sample: Any = "auto", estimate_every: Any = "auto"):
-        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
-            raise UserError(f"callbacks.grad_noise.log_every_n_steps must be an integer >= 0 (0: off), "
-                            f"not {log_every_n_steps!r}.")
-        if conv_sample == "auto":
-            conv_sample = 1.0 if log_every_n_steps >= 16 else 0.25
-        if isinstance(conv_sample, bool) or not isinstance(conv_sample, (int, float)) or not 0 < conv_sample <= 1:
-            raise UserError(f"callbacks.grad_noise.conv_sample must be auto or a fraction in (0, 1], "
-                            f"not {conv_sample!r}.")
-        self.conv_sample = float(conv_sample)
-        if estimate_every == "auto":
-            estimate_every = 1 if log_every_n_steps >= 16 else 4
-        if isinstance(estimate_every, bool) or not isinstance(estimate_every, int) or estimate_every < 1:
-            raise UserError(f"callbacks.grad_noise.estimate_every must be auto or an integer >= 1, "
-                            f"not {estimate_every!r}.")
-        self.estimate_every = estimate_every
+        for key, value in (("log_every_n_steps", log_every_n_steps), ("smoothing", smoothing),
+                           ("conv_sample", conv_sample), ("estimate_every", estimate_every)):
+            require(f"callbacks.{self.name}.{key}", value)  # the rules of conf/ (gradlab.config.rules.RULES)
+        self._conv_sample, self._estimate_every = conv_sample, estimate_every  # "auto": set by the interval
+        self.conv_sample, self.estimate_every = 1.0, 1
+        self._resolve(log_every_n_steps or 0)
+        self._every = 0
         self._readings = 0                            # readings taken (the estimate's cadence)
         self._held: dict[str, list[float]] = {}      # layer -> its last [tr Σ, ‖G‖², ‖g‖²], between estimates
-        if not 0 <= smoothing < 1:
-            raise UserError(f"callbacks.grad_noise.smoothing must be in [0, 1), not {smoothing!r}.")
         self.log_every_n_steps = log_every_n_steps
         self.smoothing = smoothing
         self.strip_prefix = strip_prefix
@@ -413,13 +452,24 @@ class GradNoiseMonitor(Callback):
         self._told = False
         self._console = Console(stderr=True)
 
+    def _resolve(self, every: int) -> None:
+        # Dense logging (< 16 steps): a quarter of each batch's conv rows, the two-batch estimate every 4th reading.
+        dense_logging = 0 < every < 16
+        self.conv_sample = float(0.25 if dense_logging else 1.0) if self._conv_sample == "auto" \
+            else float(self._conv_sample)
+        self.estimate_every = (4 if dense_logging else 1) if self._estimate_every == "auto" else self._estimate_every
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.log_every_n_steps == 0:
+        self._every = interval(self.log_every_n_steps, trainer)
+        if self._every == 0:
             return
-        self.tap = PerExampleTap(pl_module, self.strip_prefix, self.conv_sample)
+        self._resolve(self._every)
+        self.tap = PerExampleTap(pl_module, self.strip_prefix, self.conv_sample, wrap=self.guarded)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
-        if self.tap is None or trainer.global_step % self.log_every_n_steps != 0:
+        if self.tap is not None and self.tap.attached:
+            self.tap.start()  # the next micro-batch of the same step
+        if self.tap is None or not due(self._every, trainer.global_step):
             return
         k = trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -428,6 +478,20 @@ class GradNoiseMonitor(Callback):
         self.tap.attach(scale=scale, grouped=k * trainer.world_size >= 2,
                         estimate=self._readings % self.estimate_every == 0)
         self._readings += 1
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
+        if self.tap is not None and self.tap.attached:
+            self.tap.prepare()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.switch_off()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.switch_off()
+
+    def switch_off(self) -> None:
+        if self.tap is not None:
+            self.tap.detach()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         tap = self.tap
@@ -439,7 +503,7 @@ class GradNoiseMonitor(Callback):
             return
         index = {name: i for i, (name, _, _) in enumerate(tap.layers)}
         grads = [[p.grad for p in tap.layers[index[name]][2] if p.grad is not None] for name in names]
-        sq = torch.stack([sum(sq_norm(_dense(g)) for g in gs) for gs in grads])  # ‖g‖² per layer, float64
+        sq = torch.stack([sum(sq_norm(dense(g)) for g in gs) for gs in grads])  # ‖g‖² per layer, float64
         if trainer.world_size > 1:  # sums over ranks; ‖g‖² is of the all-reduced gradient, the same on every rank
             packed = trainer.strategy.reduce(torch.cat([q, m, q.new_tensor([float(n)])]).double(), reduce_op="sum")
             q, m, n = packed[: len(q)], packed[len(q): 2 * len(q)], int(packed[-1].item())
@@ -480,7 +544,7 @@ class GradNoiseMonitor(Callback):
         metrics[PREFIX + "batch_size"] = float(n)
         self.last = metrics
         if trainer.is_global_zero:
-            _log(trainer, metrics, trainer.global_step)
+            log_scalars(trainer, metrics, trainer.global_step)
             if not self._told:
                 self._tell(tap, names)
         self._told = True
@@ -537,6 +601,3 @@ class GradNoiseMonitor(Callback):
         b, n = self.last[PREFIX + "b_simple/total"], int(self.last[PREFIX + "batch_size"])
         return {PREFIX + "b_simple/total": b, PREFIX + "batch_size": n, PREFIX + "reading": reading(b, n)}
 
-
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    return grad.coalesce().values() if grad.is_sparse else grad

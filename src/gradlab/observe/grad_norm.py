@@ -31,29 +31,30 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
 from rich.console import Console
 
-from gradlab.checkpoints.resume import ResumeCheckpoint
-from gradlab.errors import UserError
-from gradlab.observe.writer import log_scalars
+from gradlab.config.rules import require
+from gradlab.observe.common import Instrument, dense, due, interval, tag
+from gradlab.observe.health_rules import exploding, vanishing
+from gradlab.observe.lightning_private import keep_checkpoints, stop_now
+from gradlab.observe.writer import log_histogram, log_scalars
 
 NONFINITE, VANISHING, EXPLODING = "non-finite", "vanishing", "exploding"
 # The healthy band of ‖Δw‖/‖w‖ drawn in the layout: a decade either side of the usual 1e-3, as log10 values.
 RATIO_BAND = {"update_ratio_log10/band_low": -4.0, "update_ratio_log10/band_1e-3": -3.0,
               "update_ratio_log10/band_high": -2.0}
-_log = log_scalars  # the shared writer (observe/writer.py), under its former name
 
 
-class GradNormMonitor(Callback):
+class GradNormMonitor(Instrument):
     """Logs gradient norms per parameter and warns when they vanish, explode or stop being finite.
 
-    log_every_n_steps: optimizer steps between logs; None follows `trainer.log_every_n_steps`.
+    log_every_n_steps: optimizer steps between logs (gradlab.observe.common.EVERY_N: null follows the trainer, 0 off).
     update_ratio: also log `param_norm/*` and `update_ratio/*` (costs a copy of the weights on logging steps).
     histogram_every_n_steps: gradient histograms every M optimizer steps; 0 switches them off.
-    vanishing_threshold, exploding_threshold, patience: warn when a parameter's gradient norm stays below /
-        above the threshold for `patience` logging steps in a row.
+    vanishing_threshold, exploding_threshold, patience: warn when a weight's gradient norm stays below
+        `vanishing_threshold` times the largest of a layer after it, or a parameter's above `exploding_threshold`,
+        for `patience` logging steps in a row (gradlab.observe.health_rules.vanishing/exploding: the report's
+        definitions).
     on_nonfinite: "warn" prints a warning on logging steps; "stop" checks every step, skips the optimizer
         step whose gradients are NaN/inf (so the weights stay finite) and ends training cleanly.
     strip_prefix: removed from parameter names in tags (`net.conv1.weight` -> `conv1.weight`).
@@ -61,24 +62,23 @@ class GradNormMonitor(Callback):
         lines), which the TensorBoard layout charts: these families span orders of magnitude.
     """
 
+    name = "grad_norm"
+
     def __init__(
         self,
         log_every_n_steps: Optional[int] = None,
         update_ratio: bool = True,
         histogram_every_n_steps: int = 0,
-        vanishing_threshold: float = 1e-6,
+        vanishing_threshold: float = 1e-3,
         exploding_threshold: float = 1e3,
         patience: int = 3,
         on_nonfinite: str = "stop",
         strip_prefix: str = "net.",
         log10: bool = True,
     ):
-        if on_nonfinite not in ("warn", "stop"):
-            raise UserError(f"callbacks.grad_norm.on_nonfinite must be 'warn' or 'stop', not {on_nonfinite!r}.")
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise UserError(f"callbacks.grad_norm.log_every_n_steps must be >= 1 (or null), not {log_every_n_steps}.")
-        if patience < 1:
-            raise UserError(f"callbacks.grad_norm.patience must be >= 1, not {patience}.")
+        for key, value in (("log_every_n_steps", log_every_n_steps), ("histogram_every_n_steps",
+                           histogram_every_n_steps), ("patience", patience), ("on_nonfinite", on_nonfinite)):
+            require(f"callbacks.{self.name}.{key}", value)  # the rules of conf/ (gradlab.config.rules.RULES)
         self.log_every_n_steps = log_every_n_steps
         self.update_ratio = update_ratio
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -100,7 +100,7 @@ class GradNormMonitor(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._named = None  # (tag, parameter) pairs, listed once: named_parameters() walks every module
-        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._every = interval(self.log_every_n_steps, trainer)
         # ClassifierModule has its own default clip value that applies when the trainer's is null.
         hparams = getattr(pl_module, "hparams", {})
         self._clipping = bool(trainer.gradient_clip_val or hparams.get("gradient_clip_val"))
@@ -109,19 +109,18 @@ class GradNormMonitor(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         step = trainer.global_step
-        log_now = trainer.is_global_zero and step % self._every == 0
-        hist_now = (trainer.is_global_zero and self.histogram_every_n_steps > 0
-                    and step % self.histogram_every_n_steps == 0)
+        log_now = trainer.is_global_zero and due(self._every, step)
+        hist_now = trainer.is_global_zero and due(self.histogram_every_n_steps, step)
         guard = self.on_nonfinite == "stop" and not self._amp_scaler
         if not (log_now or hist_now or guard):
             return
         if self._named is None:
-            self._named = [(self._tag(n), p) for n, p in pl_module.named_parameters()]
+            self._named = [(tag(n, self.strip_prefix), p) for n, p in pl_module.named_parameters()]
         named = [(n, p) for n, p in self._named if p.grad is not None]
         if not named:
             return
         if log_now or guard:
-            grads = [_dense(p.grad.detach()) for _, p in named]
+            grads = [dense(p.grad.detach()) for _, p in named]
             norms = torch.stack(torch._foreach_norm(grads))  # (L,)
             total = torch.linalg.vector_norm(norms)
             if guard and not torch.isfinite(total):  # the one per-step host sync, only in "stop" mode
@@ -147,7 +146,7 @@ class GradNormMonitor(Callback):
         names, params = pending["names"], pending["params"]
         parts = [pending["norms"], pending["total"].reshape(1)]
         if self._clipping:
-            clipped = [_dense(p.grad) if p.grad is not None else torch.zeros_like(p) for p in params]
+            clipped = [dense(p.grad) if p.grad is not None else torch.zeros_like(p) for p in params]
             parts.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(clipped))).reshape(1))
         if self.update_ratio:
             torch._foreach_sub_(self._snapshot, [p.detach() for p in params])  # w_before - w_after = -Δw
@@ -173,9 +172,6 @@ class GradNormMonitor(Callback):
         log_scalars(trainer, metrics, pending["step"])
         self._check_health(pending["step"], dict(zip(names, values[:n])))
 
-    def _tag(self, name: str) -> str:
-        return name[len(self.strip_prefix):] if self.strip_prefix and name.startswith(self.strip_prefix) else name
-
     def _take_snapshot(self, params: list[torch.Tensor]) -> None:
         same = len(self._snapshot) == len(params) and all(
             s.shape == p.shape and s.dtype == p.dtype and s.device == p.device for s, p in zip(self._snapshot, params))
@@ -185,17 +181,16 @@ class GradNormMonitor(Callback):
             self._snapshot = [p.clone() for p in params]
 
     def _histograms(self, trainer: pl.Trainer, named, step: int) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for name, p in named:
-                    logger.experiment.add_histogram(f"grad_hist/{name}", p.grad.detach().float().cpu(), step)
+        for name, p in named:
+            log_histogram(trainer, f"grad_hist/{name}", p.grad.detach().float().cpu(), step)
 
     def _check_health(self, step: int, norms: dict[str, float]) -> None:
         """Warn once when a parameter enters a bad state and has stayed in it long enough."""
         events: dict[str, list[tuple[str, float]]] = {}
+        weak = set(vanishing(norms, self.vanishing_threshold))
         for name, value in norms.items():
-            state = (NONFINITE if not math.isfinite(value) else VANISHING if value < self.vanishing_threshold
-                     else EXPLODING if value > self.exploding_threshold else None)
+            state = (NONFINITE if not math.isfinite(value) else VANISHING if name in weak
+                     else EXPLODING if exploding(value, self.exploding_threshold) else None)
             prev, count = self._health.get(name, (None, 0))
             count = count + 1 if state == prev else 1
             self._health[name] = (state, count)
@@ -214,7 +209,8 @@ class GradNormMonitor(Callback):
                       "use on_nonfinite=stop to keep the last good weights, and lower the learning rate or clip "
                       "(trainer.gradient_clip_val=1.0).")
         elif state == VANISHING:
-            advice = (f"below {self.vanishing_threshold:g} for {self.patience} logging steps: these layers barely "
+            advice = (f"below {self.vanishing_threshold:g} times the gradient of a later layer for {self.patience} "
+                      "logging steps: these layers barely "
                       "learn. Saturating activations (sigmoid, tanh), depth without normalization or a poor init "
                       "are the usual causes.")
         else:
@@ -230,19 +226,10 @@ class GradNormMonitor(Callback):
         if self.stopped_at is not None:
             return  # already stopping (Lightning may still finish this step's bookkeeping)
         step = self.stopped_at = trainer.global_step
-        trainer.should_stop = True
-        # A diverged run must end now, not after `min_epochs`/`min_steps` of skipped steps.
-        trainer.fit_loop.min_epochs = 0
-        trainer.fit_loop.epoch_loop.min_steps = 0
+        stop_now(trainer)  # a diverged run ends now, not after `min_epochs`/`min_steps` of skipped steps
         # Weights that just produced NaN gradients are finite but already diverged (the NaN usually comes from
         # a forward pass through huge weights), so nothing may overwrite the checkpoints on disk from here on.
-        kept = []
-        for cb in trainer.callbacks:
-            if isinstance(cb, ModelCheckpoint):
-                cb.save_top_k, cb.save_last = 0, False
-                kept += [path for path in (cb.last_model_path, cb.best_model_path) if path and path not in kept]
-            elif isinstance(cb, ResumeCheckpoint):
-                cb.every_n_train_steps = cb.every_s = None  # its periodic last.ckpt would be the diverged state
+        kept = keep_checkpoints(trainer)
         if not trainer.is_global_zero:
             return
         bad = [(n, v) for (n, _), v in zip(named, norms.tolist()) if not math.isfinite(v)] or [("total", math.inf)]
@@ -260,13 +247,9 @@ class GradNormMonitor(Callback):
 def log10_copies(metrics: dict[str, float]) -> dict[str, float]:
     """`grad_norm_log10/<param>` beside `grad_norm/<param>` (and update_ratio); zero and NaN give NaN, inf stays."""
     out = {}
-    for tag, v in metrics.items():
-        family, _, name = tag.partition("/")
+    for key, v in metrics.items():
+        family, _, name = key.partition("/")
         if family in ("grad_norm", "update_ratio"):
             out[f"{family}_log10/{name}"] = math.log10(v) if v > 0 else math.nan  # NaN > 0 is False
     return out
 
-
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    # Sparse gradients (nn.Embedding(sparse=True)) have no foreach kernel; their stored values carry the norm.
-    return grad.coalesce().values() if grad.is_sparse else grad

@@ -7,7 +7,8 @@ Each finding names the layer, the step range, the evidence and a likely fix; a r
     non-finite   a gradient norm is NaN or inf
     exploding    the total gradient norm exceeds `exploding` (1e3), or grows `growth` (100x) from the first
                  quarter of the run to the last
-    vanishing    the first weight layer's median gradient norm is below `vanishing` (1e-3) times the last one's
+    vanishing    a weight layer's median gradient norm is below `vanishing` (1e-3) times the largest of a layer after
+                 it (the same definition as grad_norm's live warning: `vanishing` below)
     update ratio a weight's median ‖Δw‖/‖w‖ over the run is above `ratio_high` (0.1, 100x the usual 1e-3) or
                  below `ratio_low` (1e-5, 100x under it); biases are left out (they start at 0)
     saturated    a sigmoid/tanh layer's median saturated fraction (second half) is above `saturation` (0.3)
@@ -16,14 +17,16 @@ Each finding names the layer, the step range, the evidence and a likely fix; a r
                  quarter's: it no longer learns
     edge of stability  the sharpness (curv/*, callbacks=[default,curvature]) sat above the optimizer's stability
                  threshold 2/η ... (curvature_findings)
-Medians over a window keep one noisy logging step from deciding a verdict.
+Medians over a window keep one noisy logging step from deciding a verdict. Parameters with requires_grad=False
+are named once as `frozen` and judged by no rule; an instrument that failed during the run is listed under
+`instrument_failures` (gradlab.observe.common).
 """
 
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -31,7 +34,7 @@ from rich.table import Table
 from gradlab.checkpoints.files import write_json
 from gradlab.observe.events import Series
 
-HEALTHY = "healthy"
+HEALTHY, FROZEN = "healthy", "frozen"  # verdicts that need no fix
 
 
 @dataclass
@@ -63,14 +66,16 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     steps: tuple[int, int] = (0, 0)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    instrument_failures: list[dict] = field(default_factory=list)  # gradlab.observe.common.Instrument.failure
 
     @property
     def healthy(self) -> bool:
-        return all(f.verdict == HEALTHY for f in self.findings)
+        return all(f.verdict in (HEALTHY, FROZEN) for f in self.findings) and not self.instrument_failures
 
     def to_dict(self) -> dict:
         return {"healthy": self.healthy, "steps": list(self.steps), "thresholds": asdict(self.thresholds),
-                "findings": [{**asdict(f), "steps": list(f.steps)} for f in self.findings]}
+                "findings": [{**asdict(f), "steps": list(f.steps)} for f in self.findings],
+                "instrument_failures": self.instrument_failures}
 
     def write_json(self, path: Path) -> None:
         write_json(path, self.to_dict())
@@ -85,22 +90,60 @@ class Report:
         for col, width in (("verdict", 12), ("layer", 18), ("steps", 9), ("evidence", 48), ("fix", 40)):
             table.add_column(col, min_width=min(width, 12), max_width=width, overflow="fold")
         for f in self.findings:
-            style = "green" if f.verdict == HEALTHY else "bold red" if f.verdict in ("non-finite", "exploding") \
+            style = "green" if f.verdict in (HEALTHY, FROZEN) else "bold red" if f.verdict in ("non-finite", "exploding") \
                 else "yellow"
             table.add_row(*f.as_row(), style=style)
         (console or Console(width=140)).print(table)
 
 
-def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None) -> Report:
-    """The report of one run's scalars ({tag: [(step, value), ...]}, as gradlab.observe.events reads them)."""
+# ---- one definition of vanishing and exploding: the live warning (grad_norm) and the report use these ----------
+def vanishing(norms: dict[str, float], threshold: float) -> list[str]:
+    """Weight layers (input first) whose gradient norm is below `threshold` times the largest of a layer after them.
+
+    Judging each layer against what reaches the layers above it, not the first against the last only, keeps a
+    residual network's skips (which carry the gradient past a block) and a small output layer from misleading."""
+    names = [n for n in norms if _is_weight(n) and math.isfinite(norms[n])]
+    out, downstream = [], 0.0
+    for name in reversed(names):
+        if downstream > 0 and norms[name] < threshold * downstream:
+            out.append(name)
+        downstream = max(downstream, norms[name])
+    return out[::-1]
+
+
+def exploding(norm: float, threshold: float) -> bool:
+    """A gradient norm (a layer's, or the total) above `threshold`."""
+    return math.isfinite(norm) and norm > threshold
+
+
+def _is_weight(name: str) -> bool:
+    return "weight" in name or "bias" not in name.rsplit(".", 1)[-1]
+
+
+# ---- the rules, in the order of the module docstring ---------------------------------------------------------
+def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None,
+             frozen: Sequence[str] = ()) -> Report:
+    """The report of one run's scalars ({tag: [(step, value), ...]}, as gradlab.observe.events reads them).
+
+    frozen: parameters with requires_grad=False (no gradient by design): named as frozen, judged by no rule."""
     th = thresholds or Thresholds()
     grads = _family(scalars, "grad_norm/", exclude=("total", "total_after_clip"))
-    weights = {name: s for name, s in grads.items() if "weight" in name}
     all_steps = sorted({s for series in grads.values() for s, _ in series})
     span = (all_steps[0], all_steps[-1]) if all_steps else (0, 0)
     report = Report(steps=span, thresholds=th)
-    out = report.findings
+    for rule in RULES:
+        report.findings += rule(scalars, grads, th)
+    if not report.findings:
+        report.findings.append(_healthy(scalars, grads, span))
+    if frozen:
+        shown = ", ".join(frozen[:6]) + (f" and {len(frozen) - 6} more" if len(frozen) > 6 else "")
+        report.findings.append(Finding(FROZEN, shown, span, f"{len(frozen)} parameters with requires_grad=False "
+                                       "get no gradient by design", "nothing to fix (unfreeze them to train them)"))
+    return report
 
+
+def non_finite(scalars, grads, th) -> list[Finding]:
+    out = []
     for name, series in grads.items():
         bad = [s for s, v in series if not math.isfinite(v)]
         if bad:
@@ -108,45 +151,58 @@ def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None
                                f"grad_norm is NaN/inf at {len(bad)} of {len(series)} logging steps",
                                "lower optimizer.lr, clip (trainer.gradient_clip_val=1.0), check the inputs and the "
                                "loss for NaN; callbacks.grad_norm.on_nonfinite=stop keeps the last good weights"))
+    return out
 
+
+def exploding_rule(scalars, grads, th) -> list[Finding]:
     total = [(s, v) for s, v in scalars.get("grad_norm/total", []) if math.isfinite(v)]
-    if total:
-        peak_step, peak = max(total, key=lambda p: p[1])
-        first, last = _quarter(total, 0), _quarter(total, -1)
-        if peak > th.exploding:
-            worst = max(grads, key=lambda n: dict(grads[n]).get(peak_step, 0.0) or 0.0)
-            out.append(Finding("exploding", worst, (peak_step, peak_step),
-                               f"total gradient norm {peak:.3g} at step {peak_step} (> {th.exploding:g}); "
-                               f"largest layer there: {worst}",
-                               "lower optimizer.lr or clip gradients (trainer.gradient_clip_val=1.0)"))
-        elif len(total) >= 8 and _median(first) > 0 and _median(last) / _median(first) > th.growth:
-            out.append(Finding("exploding", "total", (last[0][0], last[-1][0]),
-                               f"total gradient norm grew {_median(last) / _median(first):.3g}x from the first "
-                               f"quarter of the run (median {_median(first):.3g}) to the last ({_median(last):.3g})",
-                               "lower optimizer.lr, add a scheduler, or clip (trainer.gradient_clip_val=1.0)"))
+    if not total:
+        return []
+    peak_step, peak = max(total, key=lambda p: p[1])
+    first, last = _quarter(total, 0), _quarter(total, -1)
+    if exploding(peak, th.exploding):
+        worst = max(grads, key=lambda n: dict(grads[n]).get(peak_step, 0.0) or 0.0)
+        return [Finding("exploding", worst, (peak_step, peak_step),
+                        f"total gradient norm {peak:.3g} at step {peak_step} (> {th.exploding:g}); "
+                        f"largest layer there: {worst}",
+                        "lower optimizer.lr or clip gradients (trainer.gradient_clip_val=1.0)")]
+    if len(total) >= 8 and _median(first) > 0 and _median(last) / _median(first) > th.growth:
+        return [Finding("exploding", "total", (last[0][0], last[-1][0]),
+                        f"total gradient norm grew {_median(last) / _median(first):.3g}x from the first "
+                        f"quarter of the run (median {_median(first):.3g}) to the last ({_median(last):.3g})",
+                        "lower optimizer.lr, add a scheduler, or clip (trainer.gradient_clip_val=1.0)")]
+    return []
 
-    if len(weights) >= 2:
-        names = list(weights)
-        first_name, last_name = names[0], names[-1]
-        a, b = _median(weights[first_name]), _median(weights[last_name])
-        if b > 0 and a / b < th.vanishing:
-            chain = ", ".join(f"{n} {_median(weights[n]):.1e}" for n in names[:: max(1, len(names) // 4)])
-            steps = [s for s, _ in weights[first_name]]
-            out.append(Finding("vanishing", first_name, (steps[0], steps[-1]),
-                               f"median gradient norm {a:.2g} is {a / b:.1e} x the last layer's ({last_name}, "
-                               f"{b:.2g}); input to output: {chain}",
-                               "relu or leaky_relu with Kaiming init (model.activation=relu), batch norm "
-                               "(model.batch_norm=true), fewer layers or residual connections"))
 
-    ratios = _family(scalars, "update_ratio/")
-    too = {"big": [], "small": []}  # (layer, median, window) per direction, input layer first
-    for name, series in ratios.items():
-        if "weight" not in name:
+def vanishing_rule(scalars, grads, th) -> list[Finding]:
+    medians = {name: _median(series) for name, series in grads.items() if _is_weight(name)}
+    weak = vanishing(medians, th.vanishing)
+    if not weak:
+        return []
+    names = [n for n in medians if math.isfinite(medians[n])]
+    first = weak[0]
+    later = names[names.index(first) + 1:]
+    top = max(later, key=lambda n: medians[n])
+    chain = ", ".join(f"{n} {medians[n]:.1e}" for n in names[:: max(1, len(names) // 4)])
+    steps = [s for s, _ in grads[first]]
+    more = f"; {len(weak)} layers in all" if len(weak) > 1 else ""
+    return [Finding("vanishing", first, (steps[0], steps[-1]),
+                    f"median gradient norm {medians[first]:.2g} is {medians[first] / medians[top]:.1e} x that of "
+                    f"{top} ({medians[top]:.2g}), a layer after it{more}; input to output: {chain}",
+                    "relu or leaky_relu with Kaiming init (model.activation=relu), batch norm "
+                    "(model.batch_norm=true), fewer layers or residual connections")]
+
+
+def update_ratio(scalars, grads, th) -> list[Finding]:
+    too: dict[str, list] = {"big": [], "small": []}  # (layer, median, window) per direction, input layer first
+    for name, series in _family(scalars, "update_ratio/").items():
+        if not _is_weight(name):
             continue  # a bias starts at 0, so its ratio is large by construction
         window = series  # the whole run: a too-big step shows most in the first steps, before |w| grows
         r = _median(window)
         if window and math.isfinite(r) and (r > th.ratio_high or r < th.ratio_low):
             too["big" if r > th.ratio_high else "small"].append((name, r, window))
+    out = []
     for direction, layers in too.items():
         if not layers:
             continue
@@ -166,20 +222,36 @@ def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None
                                f"median ‖Δw‖/‖w‖ over the run {spread}; healthy ~1e-3, flagged below "
                                f"{th.ratio_low:g}: the layer barely moves",
                                "raise optimizer.lr, or fix a gradient that vanishes upstream (see above)"))
+    return out
 
-    for stat, limit, verdict, fix in (
-            ("saturation", th.saturation, "saturated",
-             "smaller init or inputs, batch norm before the activation, or relu; lower optimizer.lr"),
-            ("dead", th.dead, "dead units",
-             "lower optimizer.lr, leaky_relu (model.activation=leaky_relu), Kaiming init, or batch norm")):
+
+def _activation_rule(stat: str, verdict: str, fix: str):
+    def rule(scalars, grads, th) -> list[Finding]:
+        limit = getattr(th, stat)
+        out = []
         for layer, series in _family(scalars, f"act/{stat}/").items():
             window = _half(series)
             v = _median(window)
             if window and v > limit:
                 out.append(Finding(verdict, layer, (window[0][0], window[-1][0]),
                                    f"median {stat} fraction {v:.0%} over the second half (> {limit:.0%})", fix))
+        return out
+    rule.__name__ = verdict.replace(" ", "_")
+    return rule
 
-    for name, series in weights.items():
+
+saturated = _activation_rule("saturation", "saturated",
+                             "smaller init or inputs, batch norm before the activation, or relu; lower optimizer.lr")
+dead_units = _activation_rule("dead", "dead units",
+                              "lower optimizer.lr, leaky_relu (model.activation=leaky_relu), Kaiming init, or "
+                              "batch norm")
+
+
+def stopped(scalars, grads, th) -> list[Finding]:
+    out = []
+    for name, series in grads.items():
+        if not _is_weight(name):
+            continue
         finite = [(s, v) for s, v in series if math.isfinite(v)]
         if len(finite) < 8:
             continue
@@ -189,23 +261,25 @@ def diagnose(scalars: dict[str, Series], thresholds: Optional[Thresholds] = None
             out.append(Finding("stopped learning", name, (window[0][0], window[-1][0]),
                                f"gradient norm fell from {early:.2g} (first quarter) to {late:.2g} (last quarter)",
                                "dead or saturated units feed it (see the act/* charts), or the lr schedule hit 0"))
+    return out
 
-    out += curvature_findings(scalars)
 
-    if not out:
-        ratio_meds = [_median(s) for n, s in ratios.items() if "weight" in n]
-        ratio_meds = [r for r in ratio_meds if math.isfinite(r)]
-        parts = [f"{len(grads)} parameters over steps {span[0]}–{span[1]}: all gradient norms finite"]
-        if len(weights) >= 2:
-            names = list(weights)
-            parts.append(f"first/last layer gradient ratio {_median(weights[names[0]]) / _median(weights[names[-1]]):.2g}")
-        if ratio_meds:
-            parts.append(f"update ratios {min(ratio_meds):.1e}–{max(ratio_meds):.1e}")
-        acts = {t.split("/")[1] for t in scalars if t.startswith("act/")}
-        if acts:
-            parts.append("no layer saturated or dead above the thresholds")
-        out.append(Finding(HEALTHY, "all", span, "; ".join(parts), "nothing to fix"))
-    return report
+def edge_of_stability(scalars, grads, th) -> list[Finding]:
+    return curvature_findings(scalars)
+
+
+RULES = (non_finite, exploding_rule, vanishing_rule, update_ratio, saturated, dead_units, stopped, edge_of_stability)
+
+
+def _healthy(scalars, grads, span) -> Finding:
+    ratios = _family(scalars, "update_ratio/")
+    ratio_meds = [r for r in (_median(s) for n, s in ratios.items() if _is_weight(n)) if math.isfinite(r)]
+    parts = [f"{len(grads)} parameters over steps {span[0]}–{span[1]}: all gradient norms finite"]
+    if ratio_meds:
+        parts.append(f"update ratios {min(ratio_meds):.1e}–{max(ratio_meds):.1e}")
+    if any(t.startswith("act/") for t in scalars):
+        parts.append("no layer saturated or dead above the thresholds")
+    return Finding(HEALTHY, "all", span, "; ".join(parts), "nothing to fix")
 
 
 def curvature_findings(scalars: dict[str, Series]) -> list[Finding]:

@@ -16,16 +16,17 @@ import re
 from typing import Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from gradlab.observe.activations import STATS, ActivationMonitor
+from gradlab.observe.common import Instrument, find, tag
 from gradlab.observe.grad_norm import RATIO_BAND, GradNormMonitor
 from gradlab.observe.writer import log_layout
 
-STAT_TITLES = {"saturation": "saturated fraction (|tanh| > 0.97, sigmoid within 0.03 of 0/1)",
-               "dead": "dead ReLU units (fraction zero for the whole batch)",
-               "mean": "activation mean", "std": "activation std"}
+STAT_TITLES = {"saturation": "saturated fraction (|tanh| > 0.97, sigmoid within 0.03 of 0/1, ...)",
+               "dead": "dead units (fraction with no gradient for the whole batch: ReLU 0, GELU x < -3, ...)",
+               "mean": "activation mean", "std": "activation std",
+               "scale": "normalization output RMS", "attn_entropy": "attention entropy per head (1: uniform)"}
 
 
 def build_layout(params: list[str], activations: list[tuple[str, str]], log10: bool = True,
@@ -60,15 +61,20 @@ def build_layout(params: list[str], activations: list[tuple[str, str]], log10: b
     acts = []
     for stat, title in STAT_TITLES.items():
         layers = [name for name, kind in activations if stat in STATS[kind]]
-        if layers:
+        if layers and stat == "attn_entropy":  # one series per head: a pattern per layer
+            acts.append(layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(
+                tag=[f"^act/attn_entropy/{re.escape(name)}\\.h[0-9]+$" for name in layers])))
+        elif layers:
             acts.append(multiline(title, [f"act/{stat}/{name}" for name in layers]))
     if acts:
         categories.append(layout_pb2.Category(title="activation health", chart=acts))
     return layout_pb2.Layout(category=categories)
 
 
-class TensorBoardLayout(Callback):
+class TensorBoardLayout(Instrument):
     """Writes the Custom Scalars layout of the run's gradient and activation tags (see the module docstring)."""
+
+    name = "layout"
 
     def __init__(self, strip_prefix: Optional[str] = None):
         self.strip_prefix = strip_prefix  # None: the gradient callback's (`net.`)
@@ -79,8 +85,8 @@ class TensorBoardLayout(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.layout is None:
-            acts = _find(trainer, ActivationMonitor)
-            if acts is None or acts.layers or not acts._every or trainer.global_step > 1:
+            acts = find(trainer, ActivationMonitor)
+            if acts is None or acts.layers or not acts.every() or trainer.global_step > 1:
                 self._write(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -88,10 +94,9 @@ class TensorBoardLayout(Callback):
             self._write(trainer, pl_module)
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        grads, acts = _find(trainer, GradNormMonitor), _find(trainer, ActivationMonitor)
+        grads, acts = find(trainer, GradNormMonitor), find(trainer, ActivationMonitor)
         prefix = self.strip_prefix if self.strip_prefix is not None else (grads.strip_prefix if grads else "net.")
-        params = [n[len(prefix):] if prefix and n.startswith(prefix) else n
-                  for n, p in pl_module.named_parameters() if p.requires_grad] if grads else []
+        params = [tag(n, prefix) for n, p in pl_module.named_parameters() if p.requires_grad] if grads else []
         self.layout = build_layout(params, acts.layers if acts else [], log10=grads.log10 if grads else True,
                                    update_ratio=grads.update_ratio if grads else False)
         # Instruments that bring charts of their own (curvature, optimizer state) add a category each.
@@ -100,6 +105,3 @@ class TensorBoardLayout(Callback):
         if trainer.is_global_zero:
             log_layout(trainer, self.layout, trainer.global_step)
 
-
-def _find(trainer: pl.Trainer, kind: type):
-    return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)

@@ -19,7 +19,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
-from lightning.pytorch.trainer.states import RunningStage
+
+from gradlab.observe.common import Instrument
+from gradlab.observe.lightning_private import throughput_totals
 
 
 def samples(batch: Any) -> int:
@@ -34,11 +36,13 @@ def is_text(batch: Any) -> bool:
     return isinstance(batch, (tuple, list)) and len(batch) == 3
 
 
-class ThroughputMonitor(LightningThroughputMonitor):
+class ThroughputMonitor(Instrument, LightningThroughputMonitor):
     """Samples/s for every model, tokens/s when the batches are text; `means()` for metrics.json.
 
     window_size: batches in the rolling average of the logged curves.
     """
+
+    name = "throughput"
 
     def __init__(self, window_size: int = 50):
         super().__init__(batch_size_fn=samples, window_size=window_size)
@@ -58,12 +62,11 @@ class ThroughputMonitor(LightningThroughputMonitor):
 
     def means(self, trainer: pl.Trainer) -> dict[str, float]:
         """Samples (and tokens) per second over the whole fit, all devices (rank zero counts one device's)."""
-        stage = RunningStage.TRAINING
-        throughput = self._throughputs.get(stage)
-        if throughput is None or not throughput._time or throughput._time[-1] <= 0:
+        totals = throughput_totals(self)
+        if not totals or totals["time"] <= 0:
             return {}
-        seconds, world = throughput._time[-1], trainer.world_size
-        out = {"train/mean_samples_per_sec": self._samples[stage] * world / seconds}
-        if self._lengths.get(stage):
-            out["train/mean_tokens_per_sec"] = self._lengths[stage] * world / seconds
+        seconds, world = totals["time"], trainer.world_size
+        out = {"train/mean_samples_per_sec": totals["samples"] * world / seconds}
+        if totals.get("lengths"):
+            out["train/mean_tokens_per_sec"] = totals["lengths"] * world / seconds
         return out

@@ -11,6 +11,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import Summary
 
+from gradlab.observe.lightning_private import file_writer
+
 
 def tensorboard_logger(trainer: pl.Trainer) -> Optional[TensorBoardLogger]:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
@@ -22,7 +24,7 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> No
             # One event holding every value: add_scalar per tag costs a queue hand-off to the writer thread
             # each, which was most of the gradient callback's time.
             summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()])
-            logger.experiment._get_file_writer().add_summary(summary, step)
+            file_writer(logger.experiment).add_summary(summary, step)
         else:
             logger.log_metrics(metrics, step=step)
 
@@ -32,7 +34,24 @@ def log_summary(trainer: pl.Trainer, summary: Summary, step: int = 0) -> bool:
     logger = tensorboard_logger(trainer)
     if logger is None:
         return False
-    logger.experiment._get_file_writer().add_summary(summary, step)
+    file_writer(logger.experiment).add_summary(summary, step)
+    return True
+
+
+def log_histogram(trainer: pl.Trainer, tag: str, values, step: int) -> bool:
+    logger = tensorboard_logger(trainer)
+    if logger is None:
+        return False
+    logger.experiment.add_histogram(tag, values, step)
+    return True
+
+
+def log_figure(trainer: pl.Trainer, tag: str, figure, step: int) -> bool:
+    """A matplotlib figure as a TensorBoard image (left open: the caller may still save it)."""
+    logger = tensorboard_logger(trainer)
+    if logger is None:
+        return False
+    logger.experiment.add_figure(tag, figure, global_step=step, close=False)
     return True
 
 

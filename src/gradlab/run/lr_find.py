@@ -53,9 +53,7 @@ def lr_find(cfg: DictConfig, module: pl.LightningModule, datamodule: pl.Lightnin
 
 def log_lr_find(trainer: pl.Trainer, found: dict[str, Any]) -> None:
     """The plot as a TensorBoard image, and the suggestion as a scalar in every logger."""
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from gradlab.observe.writer import log_figure, log_scalars
 
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure(TAG, found["figure"], global_step=0, close=False)
-        logger.log_metrics({"lr_find/suggested_lr": found["suggested_lr"]}, step=0)
+    log_figure(trainer, TAG, found["figure"], 0)
+    log_scalars(trainer, {"lr_find/suggested_lr": found["suggested_lr"]}, 0)

@@ -11,9 +11,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gradlab.config.cli import after_import
 from gradlab.checkpoints.finished_run import guard as guard_finished_run
 from gradlab.checkpoints.run_dirs import lock_run, unlock_run
+from gradlab.config.cli import after_import
+from gradlab.errors import UserError
 from gradlab.observe.throughput import ThroughputMonitor
 from gradlab.run.ddp import ddp_children_join_this_job
 from gradlab.run.hparams import log_hparams
@@ -23,8 +24,6 @@ from gradlab.run.precision import resolve as resolve_precision
 from gradlab.run.ranks import RanksAgree
 from gradlab.run.results import print_results, write_metrics
 from gradlab.run.trackers import log_config, record_results
-from gradlab.config.cli import after_import
-from gradlab.errors import UserError
 
 
 def build_module(cfg: DictConfig) -> pl.LightningModule:
