@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def command(lr: float, steps: int, every: int, iters: int, logs: Path) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "experiment=edge_of_stability", f"optimizer.lr={lr}",
-           f"trainer.max_epochs={steps}", f"callbacks.curvature.every_n_steps={every}",
+           f"trainer.max_epochs={steps}", f"callbacks.curvature.log_every_n_steps={every}",
            f"callbacks.curvature.lanczos_iters={iters}", f"paths.log_dir={logs / str(lr)}", "test=false",
            "callbacks.health=null", "callbacks.progress_bar=null"]
 

@@ -209,7 +209,7 @@ def test_training_is_bit_identical_with_the_instrument_on_or_off(opt, accumulate
         (lambda params: torch.optim.Adam(params, lr=1e-2))
     off, _, _ = fit([], make_opt, accumulate)
     rng_off = torch.random.get_rng_state()
-    monitor = CurvatureMonitor(every_n_steps=1, lanczos_iters=5, trace_probes=2, probe_size=32, strip_prefix="net.")
+    monitor = CurvatureMonitor(log_every_n_steps=1, lanczos_iters=5, trace_probes=2, probe_size=32, strip_prefix="net.")
     on, _, _ = fit([monitor], make_opt, accumulate)
     assert monitor.last.get("curv/sharpness", 0) > 0  # it did measure, at every step
     assert ("curv/precond_sharpness" in monitor.last) == (opt == "adam")
@@ -219,7 +219,7 @@ def test_training_is_bit_identical_with_the_instrument_on_or_off(opt, accumulate
 
 
 def test_the_callbacks_reading_is_the_dense_value_on_its_probe_batch():
-    monitor = CurvatureMonitor(every_n_steps=2, lanczos_iters=40, trace_probes=0, probe_size=40)
+    monitor = CurvatureMonitor(log_every_n_steps=2, lanczos_iters=40, trace_probes=0, probe_size=40)
     module, trainer, _ = fit([monitor], lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), steps=4)
     (x, y) = monitor.probe
     assert x.shape[0] == 40

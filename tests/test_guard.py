@@ -25,7 +25,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 def planted_hooks() -> list[tuple[str, str]]:
     """(instrument, hook) for every hook an instrument defines that a plain fit calls."""
     out = []
-    for cb in Observatory():
+    for cb in Observatory(curvature=True, grad_tests=True):
         for hook in HOOKS:
             fn = getattr(type(cb), hook)
             if getattr(fn, "_guarded", False) and hook not in ("on_exception",):
@@ -52,7 +52,8 @@ def check_reported(tmp_path, capsys, reference, name: str, where: str, layer: bo
 @pytest.mark.parametrize("name, hook", planted_hooks())
 def test_a_failing_hook_switches_its_instrument_off_and_the_run_goes_on(tmp_path, capsys, monkeypatch, reference,
                                                                         name, hook):
-    observatory = Observatory(**EVERY, out_dir=str(tmp_path))
+    observatory = Observatory(**EVERY, curvature={"log_every_n_steps": 2, "probe_size": 8, "lanczos_iters": 3},
+                              grad_tests={"log_every_n_steps": 1}, out_dir=str(tmp_path))
     monkeypatch.setattr(getattr(type(observatory[name]), hook), "__wrapped__", boom)
     after = weights_after(tmp_path, observatory)
     for n, w in reference.items():
@@ -98,6 +99,7 @@ def test_a_failure_inside_the_hosts_forward_or_backward_names_the_layer(tmp_path
 
 
 def test_every_gradlab_callback_is_guarded():
-    assert {cb.name for cb in Observatory()} == {"grad_norm", "grad_noise", "activations", "layout", "grad_flow",
-                                                 "health"}
-    assert all(isinstance(cb, Instrument) for cb in Observatory())
+    everything = Observatory(curvature=True, grad_tests=True)
+    assert {cb.name for cb in everything} == {"grad_norm", "grad_noise", "activations", "optimizer_state",
+                                              "curvature", "grad_tests", "layout", "grad_flow", "health"}
+    assert all(isinstance(cb, Instrument) for cb in everything)

@@ -140,6 +140,11 @@ RULES: list[tuple[str, Check]] = [
     ("callbacks.*.log_every_n_steps", (lambda v: v is None or (_int(v) and v >= 0),
                                        "an integer >= 0 (0: off), or null (follow trainer.log_every_n_steps)")),
     ("callbacks.*.histogram_every_n_steps", NON_NEG_INT),
+    ("callbacks.*.trace_every_n_steps", COUNT_OR_NULL),  # curvature: null, with every sharpness reading
+    ("callbacks.*.lanczos_iters", COUNT),
+    ("callbacks.*.trace_probes", NON_NEG_INT),
+    ("callbacks.*.probe_size", COUNT),
+    ("callbacks.*.seed", NON_NEG_INT),
     ("callbacks.grad_norm.patience", COUNT),  # logging steps in a bad state before a warning: at least one
     ("callbacks.*.patience", NON_NEG_INT),
     ("callbacks.*.on_nonfinite", _one_of("stop", "warn")),

@@ -2,7 +2,7 @@
 per layer.
 
     python train.py 'callbacks=[default,curvature]'                          # every 1000 optimizer steps
-    python train.py 'callbacks=[default,curvature]' callbacks.curvature.every_n_steps=100
+    python train.py 'callbacks=[default,curvature]' callbacks.curvature.log_every_n_steps=100
     python train.py experiment=edge_of_stability                             # Cohen et al.'s Figure 1, minutes
 
 Tags (a contract, like train/loss):
@@ -43,11 +43,11 @@ from typing import Any, Callable, Optional, Sequence
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from torch import nn
 
-from gradlab.errors import UserError
+from gradlab.config.rules import require
+from gradlab.observe.common import Instrument, interval
 from gradlab.observe.writer import log_scalars
 
 PREFIX = "curv/"
@@ -280,10 +280,10 @@ def layer_groups(module: nn.Module, strip_prefix: str = "") -> tuple[list[str], 
 
 
 # ---- the callback --------------------------------------------------------------------------------------------
-class CurvatureMonitor(Callback):
-    """Logs curv/* every `every_n_steps` optimizer steps, and at initialization (step 0).
+class CurvatureMonitor(Instrument):
+    """Logs curv/* every `log_every_n_steps` optimizer steps, and at initialization (step 0).
 
-    every_n_steps: optimizer steps between readings; 0 switches the instrument off.
+    log_every_n_steps: optimizer steps between readings (null: the trainer's; 0: off; gradlab.observe.common).
     lanczos_iters: Hessian-vector products per sharpness reading (20: the top eigenvalue to ~1e-4 relative from a
         warm start on the models here).
     trace_probes: Rademacher probes per trace reading (standard error ∝ 1/√probes); 0: no trace.
@@ -292,18 +292,18 @@ class CurvatureMonitor(Callback):
     seed: the probe batch's and the probe vectors' own generator.
     """
 
-    def __init__(self, every_n_steps: int = 1000, lanczos_iters: int = 20, trace_probes: int = 4,
+    name = "curvature"
+
+    def __init__(self, log_every_n_steps: Optional[int] = 1000, lanczos_iters: int = 20, trace_probes: int = 4,
                  trace_every_n_steps: Optional[int] = None, probe_size: int = 64, seed: int = 0,
                  strip_prefix: str = "net."):
-        for key, value, low in (("every_n_steps", every_n_steps, 0), ("lanczos_iters", lanczos_iters, 1),
-                                ("trace_probes", trace_probes, 0), ("probe_size", probe_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UserError(f"callbacks.curvature.{key} must be an integer >= {low}, not {value!r}.")
-        if trace_every_n_steps is not None and (not isinstance(trace_every_n_steps, int) or trace_every_n_steps < 1):
-            raise UserError(f"callbacks.curvature.trace_every_n_steps must be an integer >= 1 or null, "
-                            f"not {trace_every_n_steps!r}.")
-        self.every_n_steps, self.lanczos_iters, self.trace_probes = every_n_steps, lanczos_iters, trace_probes
-        self.trace_every = trace_every_n_steps or every_n_steps
+        for key, value in (("log_every_n_steps", log_every_n_steps), ("lanczos_iters", lanczos_iters),
+                           ("trace_probes", trace_probes), ("trace_every_n_steps", trace_every_n_steps),
+                           ("probe_size", probe_size), ("seed", seed)):
+            require(f"callbacks.curvature.{key}", value)
+        self.log_every_n_steps, self.lanczos_iters, self.trace_probes = log_every_n_steps, lanczos_iters, trace_probes
+        self.trace_every_n_steps = trace_every_n_steps
+        self.every = self.trace_every = 0  # in optimizer steps, from the trainer at train start (0: off)
         self.probe_size, self.seed, self.strip_prefix = probe_size, seed, strip_prefix
         self.probe: Any = None
         self.layers: list[str] = []
@@ -316,17 +316,19 @@ class CurvatureMonitor(Callback):
 
     # -- when
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.every_n_steps:
+        self.every = interval(self.log_every_n_steps, trainer)
+        self.trace_every = self.trace_every_n_steps or self.every
+        if not self.every:
             return
         self.layers, _, _ = layer_groups(pl_module, self.strip_prefix)
         self._measure(trainer, pl_module)  # the curvature at initialization (or where a resumed run stands)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self._gcd() == 0:
+        if self.every and trainer.global_step % self._gcd() == 0:
             self._measure(trainer, pl_module)
 
     def _gcd(self) -> int:
-        return math.gcd(self.every_n_steps, self.trace_every)
+        return math.gcd(self.every, self.trace_every)
 
     # -- what
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -334,7 +336,7 @@ class CurvatureMonitor(Callback):
         if step == self._done or not trainer.is_global_zero:
             return  # a micro-batch of a step already measured; other ranks: rank 0 measures alone
         self._done = step
-        do_sharp, do_trace = step % self.every_n_steps == 0, self.trace_probes and step % self.trace_every == 0
+        do_sharp, do_trace = step % self.every == 0, self.trace_probes and step % self.trace_every == 0
         if not (do_sharp or do_trace):
             return
         try:
@@ -412,7 +414,7 @@ class CurvatureMonitor(Callback):
         """The layout's "curvature" charts (gradlab.observe.layout asks every callback for one)."""
         from tensorboard.plugins.custom_scalar import layout_pb2
 
-        if not self.every_n_steps:
+        if interval(self.log_every_n_steps, trainer) == 0:
             return None
         opt = trainer.optimizers[0] if trainer.optimizers else None
         edge = stability(opt) if opt is not None else None

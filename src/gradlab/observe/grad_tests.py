@@ -24,11 +24,11 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from torch import nn
 
-from gradlab.errors import UserError
+from gradlab.config.rules import require
+from gradlab.observe.common import Instrument, interval, tag
 from gradlab.observe.grad_noise import conv2d_sq, exact_kind, linear_sq
 from gradlab.observe.writer import log_scalars
 
@@ -59,13 +59,14 @@ def projections(module: nn.Module, kind: str, a: torch.Tensor, d: torch.Tensor, 
     return p + d.sum((2, 3)) @ gb if gb is not None else p
 
 
-class GradTestMonitor(Callback):
-    """Logs grad_tests/{inner,ortho}/<layer> and /total every `log_every_n_steps` optimizer steps; 0: off."""
+class GradTestMonitor(Instrument):
+    """Logs grad_tests/{inner,ortho}/<layer> and /total every `log_every_n_steps` optimizer steps (the interval
+    convention: gradlab.observe.common)."""
 
-    def __init__(self, log_every_n_steps: int = 128, strip_prefix: str = "net."):
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0:
-            raise UserError(f"callbacks.grad_tests.log_every_n_steps must be an integer >= 0 (0: off), "
-                            f"not {log_every_n_steps!r}.")
+    name = "grad_tests"
+
+    def __init__(self, log_every_n_steps: Optional[int] = 128, strip_prefix: str = "net."):
+        require("callbacks.grad_tests.log_every_n_steps", log_every_n_steps)
         self.log_every_n_steps, self.strip_prefix = log_every_n_steps, strip_prefix
         self._handles: list[Any] = []
         self.last: dict[str, float] = {}
@@ -77,12 +78,11 @@ class GradTestMonitor(Callback):
         self.layers = []
         for name, m in model.named_modules():
             if any(p.requires_grad for p in m.parameters(recurse=False)):
-                tag = name[len(self.strip_prefix):] if self.strip_prefix and name.startswith(self.strip_prefix) else name
-                self.layers.append((tag or "model", m, exact_kind(m)))
+                self.layers.append((tag(name, self.strip_prefix) or "model", m, exact_kind(m)))
         self.batch_norm = any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-        for i, (_, m, kind) in enumerate(self.layers):
+        for i, (name, m, kind) in enumerate(self.layers):
             if kind:
-                self._handles.append(m.register_forward_hook(self._forward(i)))
+                self._handles.append(m.register_forward_hook(self.guarded(self._forward(i), layer=name)))
 
     def _forward(self, i: int):
         def hook(module, args, out):
@@ -101,6 +101,8 @@ class GradTestMonitor(Callback):
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    switch_off = detach  # after a failure (gradlab.observe.common.Instrument)
 
     def collect(self) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(layers, Σᵢ⟨gᵢ,g⟩² (L,), Σᵢ‖gᵢ‖² (L,), ‖g‖² (L,), Σᵢ⟨gᵢ,g⟩_total², examples), float64, after backward."""
@@ -138,7 +140,8 @@ class GradTestMonitor(Callback):
 
     # -- the callback
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.log_every_n_steps and trainer.global_step % self.log_every_n_steps == 0 and not self._handles:
+        every = interval(self.log_every_n_steps, trainer)
+        if every and trainer.global_step % every == 0 and not self._handles:
             scaler = getattr(trainer.precision_plugin, "scaler", None)
             self.attach(pl_module, trainer.accumulate_grad_batches / (scaler.get_scale() if scaler else 1.0))
 

@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
-from gradlab.errors import UserError
+from gradlab.config.rules import require
+from gradlab.observe.common import Instrument, interval
 from gradlab.observe.curvature import layer_groups, multiline
 from gradlab.observe.writer import log_scalars
 
@@ -83,15 +83,14 @@ def adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], gro
             "eps_dominated": [float(e / n) for e, n in zip(per["eps"], per["n"])]}
 
 
-class OptimizerStateMonitor(Callback):
+class OptimizerStateMonitor(Instrument):
     """Logs param_dist/* and, for Adam/AdamW, optim/* every `log_every_n_steps` optimizer steps (see the module
-    docstring). log_every_n_steps: None follows trainer.log_every_n_steps; 0 switches it off."""
+    docstring; the interval convention: gradlab.observe.common)."""
+
+    name = "optimizer_state"
 
     def __init__(self, log_every_n_steps: Optional[int] = None, strip_prefix: str = "net."):
-        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(
-                log_every_n_steps, int) or log_every_n_steps < 0):
-            raise UserError(f"callbacks.optimizer_state.log_every_n_steps must be an integer >= 0 or null, "
-                            f"not {log_every_n_steps!r}.")
+        require("callbacks.optimizer_state.log_every_n_steps", log_every_n_steps)
         self.log_every_n_steps, self.strip_prefix = log_every_n_steps, strip_prefix
         self.init: Optional[list[torch.Tensor]] = None
         self.layers: list[str] = []
@@ -99,7 +98,7 @@ class OptimizerStateMonitor(Callback):
         self.last: dict[str, float] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        self._every = interval(self.log_every_n_steps, trainer)
         self.layers, params, self._groups = layer_groups(pl_module, self.strip_prefix)
         if self.init is None or [t.shape for t in self.init] != [p.shape for p in params]:
             self.init = [p.detach().clone() for p in params]
