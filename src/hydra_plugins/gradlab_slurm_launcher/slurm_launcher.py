@@ -63,7 +63,9 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             if i > 0 and (not own or own in checked):
                 continue
             checked.add(own)
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            # Without Hydra's context (the launcher built by hand, as a test does) the sweep's own config stands in.
+            cfg = (self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                   if self.hydra_context is not None else self.config)
             trainer = OmegaConf.to_container(cfg.trainer, resolve=False)  # SLURM_* interpolations stay as they are
             try:
                 check_ranks_fit_launcher(self.params, trainer, own if len(job_overrides) > 1 else ())
