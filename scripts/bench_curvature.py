@@ -11,9 +11,7 @@ sharpness every 100 steps <= 5 %, trace and gradient tests at their default inte
 """
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -22,14 +20,7 @@ import torch.nn.functional as F
 from gradlab.models.cnn import MnistCNN
 from gradlab.observe.curvature import Hessian, flatten, hutchinson, layer_groups, preconditioner, rademacher, sharpness
 from gradlab.observe.grad_tests import GradTestMonitor
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+from gradlab.run.precision import cpu_model
 
 
 def cpu() -> float:

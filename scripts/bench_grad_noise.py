@@ -18,9 +18,7 @@ the "dense" rows time exactly that, the "full" rows what sparser intervals run.
 """
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -30,16 +28,10 @@ from gradlab.models.cnn import MnistCNN
 from gradlab.models.mlp import ManualMLP, classification_loss
 from gradlab.models.rnn import SentimentRNN
 from gradlab.observe.grad_noise import PerExampleTap, noise_estimates, norm_test, sq_norm
+from gradlab.run.precision import cpu_model
 
 INTERVALS = (1, 16, 64)
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def build(kind: str, batch: int):

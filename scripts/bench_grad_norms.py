@@ -27,9 +27,7 @@ Targets: default set <= 3 % of step time on CPU; everything on at every step <= 
 
 import argparse
 import logging
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 import warnings
@@ -51,6 +49,7 @@ from gradlab.observe.grad_norm import GradNormMonitor
 from gradlab.observe.health_rules import diagnose
 from gradlab.observe.layout import build_layout
 from gradlab.observe.writer import log_layout
+from gradlab.run.precision import cpu_model
 
 MODES = ("off", "grad log", "grad quiet", "act log", "act quiet", "all log", "all quiet", "lightning", "control")
 INTERVALS = (1, 4, 16, 64)
@@ -122,13 +121,6 @@ def timed(fn, repeat: int = 3) -> float:
         times.append(time.process_time() - t)
     return statistics.median(times)
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

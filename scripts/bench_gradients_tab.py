@@ -13,8 +13,6 @@ fetch-and-draw time. Prints a table with the CPU model.
 import argparse
 import base64
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gradients_tab as tab  # noqa: E402
+from gradlab.run.precision import cpu_model
 
 
 def write_run(folder: Path, layers: int, steps: int) -> None:
@@ -44,13 +43,6 @@ def write_run(folder: Path, layers: int, steps: int) -> None:
             value=[Summary.Value(tag=t, simple_value=float(v)) for t, v in zip(names, values)])))
     writer.close()
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> None:

@@ -22,13 +22,14 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from gradlab.run.precision import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
@@ -170,13 +171,6 @@ def _s(t) -> str:
 def _ratio(peer_t, t) -> str:
     return "n/a" if peer_t is None or t is None else f"**{peer_t / t:.2f}x**"
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def plot(curves: dict[str, list[dict]], target: float, path: Path, title: str) -> None:

@@ -1,5 +1,6 @@
 """Writers for tiny data files in the real on-disk formats, and a way to run the real CLI."""
 
+import hashlib
 import importlib.util
 import os
 import struct
@@ -8,6 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+from gradlab.errors import EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,3 +137,20 @@ def run_entry(module: str, cfg):
 
     with checked(cfg):
         return importlib.import_module(module).run(cfg)
+
+
+def fails(module: str, cfg, capsys) -> str:
+    """Run an entry point in-process; it must exit with code 2 and a one-paragraph message, which is returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry(module, cfg)
+    assert exit_info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    message = err[err.index("error: "):]
+    assert "Traceback" not in message
+    return message
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file below `folder` by its hash: compared before and after, nothing of a run may change."""
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

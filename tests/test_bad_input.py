@@ -4,7 +4,6 @@ The entry points run in-process here (Hydra's compose, then `gradlab.config.cli.
 eval.py and predict.py run), so that each case costs a fraction of a second, not a fresh interpreter.
 """
 
-import hashlib
 import json
 import math
 import shutil
@@ -15,28 +14,23 @@ import pytest
 import torch
 
 from conftest import ONE_THREAD
-from gradlab.errors import EXIT_USER_ERROR
-from helpers import compose_config, fake_digits, run_cli, run_entry, tiny_mnist_args, write_idx, write_mnist
+from helpers import (
+    compose_config,
+    fails,
+    fake_digits,
+    run_cli,
+    run_entry,
+    snapshot,
+    tiny_mnist_args,
+    write_idx,
+    write_mnist,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 QUIET = ["callbacks.grad_norm=null", "logger=csv"]
 
 
-def fails(module: str, cfg, capsys) -> str:
-    """Run an entry point; it must exit with code 2 and a one-paragraph message, which is returned."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_entry(module, cfg)
-    assert exit_info.value.code == EXIT_USER_ERROR
-    err = capsys.readouterr().err
-    message = err[err.index("error: "):]
-    assert "Traceback" not in message
-    return message
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

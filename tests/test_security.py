@@ -5,7 +5,6 @@ The victim is a run folder made here in a blink (an untrained MLP on data=toy, s
 that every case costs well under a second; the crafted files are variations of its checkpoint.
 """
 
-import hashlib
 import json
 import resource
 import shutil
@@ -14,34 +13,15 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401  (imported at collection: its log handler then binds to the session's stderr)
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gradlab.errors import EXIT_USER_ERROR
-from helpers import ROOT, run_entry
+from helpers import ROOT, fails, run_entry, snapshot
+from helpers import compose_config as config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def config(name: str, overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=[*overrides, f"paths.output_dir={output_dir}"])
 
-
-def fails(module: str, cfg, capsys) -> str:
-    """Run an entry point in-process; it must exit with code 2 and a one-paragraph message, which is returned."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_entry(module, cfg)
-    assert exit_info.value.code == EXIT_USER_ERROR
-    err = capsys.readouterr().err
-    message = err[err.index("error: "):]
-    assert "Traceback" not in message
-    return message
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def peak_rss_mb() -> float:

@@ -28,6 +28,20 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
+def cpu_model(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name, as benchmark tables print it beside their ratios."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 def choose(accelerator: str, flags: Iterable[str], cuda_bf16: Optional[bool]) -> tuple[str, str]:
     """(precision, reason) for `trainer.precision=auto`.
 
