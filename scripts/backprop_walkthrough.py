@@ -301,12 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="draws the weights (default 42)")
     parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (default 0.5, as experiment=toy_xor)")
     args = parser.parse_args(argv)
-    torch.set_default_dtype(torch.float64)
-    if args.chain_rule is not None:
-        return chain_rule(args.chain_rule)
-    if args.fix:
-        return classic_bugs(args.seed)
-    return walkthrough(args.seed, args.lr)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # every number of the lesson in float64; the caller's default restored after
+    try:
+        if args.chain_rule is not None:
+            return chain_rule(args.chain_rule)
+        if args.fix:
+            return classic_bugs(args.seed)
+        return walkthrough(args.seed, args.lr)
+    finally:
+        torch.set_default_dtype(before)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,15 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: -slow[item.path])  # stable: file order and test order otherwise kept
 
 
+@pytest.fixture(autouse=True)
+def default_dtype_stays_float32():
+    """A test that leaves torch's default dtype changed would change every test after it on the same worker."""
+    yield
+    leaked = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    assert leaked == torch.float32, f"the test left torch's default dtype at {leaked}"
+
+
 @pytest.fixture
 def one_thread():
     before = torch.get_num_threads()

@@ -12,8 +12,9 @@ os.replace() swaps it in: atomic on POSIX filesystems, NFS included. A reader se
 Reading goes through here too (resuming with ckpt_path, the test stage's best checkpoint, a SLURM requeue's
 hpc_ckpt): always `weights_only=True`, whatever the caller asks, so a checkpoint never unpickles code. The
 file paths that Lightning's ModelCheckpoint keeps in its state (best_model_path, best_k_models, ...) are read as
-file names in the checkpoint's own folder: a crafted checkpoint cannot make the run test, or delete, a file
-elsewhere, and a run folder moved as a whole still finds its own best checkpoint.
+file names in the checkpoint's own folder (or its checkpoints/ below, for an hpc_ckpt): a crafted checkpoint
+cannot make the run test, or delete, a file elsewhere, and a run folder moved as a whole still finds its own best
+checkpoint.
 """
 
 import errno
@@ -78,13 +79,18 @@ PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
 
 
 def keep_paths_inside(checkpoint: dict[str, Any], folder: str) -> None:
-    """Point every checkpoint path in the callbacks' states at a file directly in `folder`: a path elsewhere becomes
-    the file of the same name in `folder` if there is one (a run folder moved or copied), else it is dropped."""
+    """Point every checkpoint path in the callbacks' states at a file directly in `folder` (or in its checkpoints/:
+    Lightning's hpc_ckpt_<n>.ckpt of a SLURM requeue lies in the run folder, the ModelCheckpoint files one below): a
+    path elsewhere becomes the file of the same name there if there is one (a run folder moved or copied), else it
+    is dropped."""
     def inside(p: Any) -> str:
         if not isinstance(p, str) or not p:
             return ""
-        here = os.path.join(folder, os.path.basename(p))
-        return here if os.path.isfile(here) else ""
+        for where in (folder, os.path.join(folder, "checkpoints")):
+            here = os.path.join(where, os.path.basename(p))
+            if os.path.isfile(here):
+                return here
+        return ""
 
     for state in (checkpoint.get("callbacks") or {}).values():
         if not isinstance(state, dict):
