@@ -284,7 +284,7 @@ def test_real_tensorboard_serves_layout_image_and_report(tensorboard_server):
     assert series[0] == {"value": "update_ratio_log10/band_1e-3", "lower": "update_ratio_log10/band_low",
                          "upper": "update_ratio_log10/band_high"}
     assert [s["value"] for s in series[1:]] == [f"update_ratio_log10/{p}" for p in params]
-    dead = next(c for t, c in charts.items() if t.startswith("dead ReLU"))
+    dead = next(c for t, c in charts.items() if t.startswith("dead units"))
     assert dead["multiline"]["tag"] == ["^act/dead/conv1$", "^act/dead/conv2$", "^act/dead/fc1$"]
     # the plugin serves the charted series: a chart's tag has the values the run logged
     run = next(iter(get(f"{base}/data/plugin/scalars/tags")))
