@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -60,7 +61,14 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: int = 240, env: dict | 
     """Run one of the repo's entry points (train.py, eval.py, ...) as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+                          text=True, timeout=timeout, env=full_env, preexec_fn=default_ctrl_c)
+
+
+def default_ctrl_c() -> None:
+    """Ctrl-C as in a user's shell. An ignored SIGINT is inherited through exec, and Python then installs no
+    KeyboardInterrupt handler: Lightning ignores SIGINT after handling one, so a test process that ran such a fit
+    in-process would hand its children a deaf Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def only_run_dir(root: Path) -> Path:
