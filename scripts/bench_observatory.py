@@ -1,16 +1,20 @@
 """The default instrument set (gradlab.observe.Observatory) against no instruments, on torchvision's resnet18 and a
-small decoder-only transformer LM, side by side in one process. Target: <= 3 % at the default interval.
+small decoder-only transformer LM, side by side in one process. Target: <= 3 % per step at the default interval.
 
-    python scripts/bench_observatory.py                      # 200 steps per run, 3 rounds
-    python scripts/bench_observatory.py --steps 100 --rounds 2
+    python scripts/bench_observatory.py                      # 300 steps per fit, 3 rounds
+    python scripts/bench_observatory.py --steps 150 --rounds 2
 
-Each round fits every (model, setting) pair once, in alternating order; the table shows the median time per
-round and the ratio. The trainer logs every 50 steps (Lightning's default); grad_noise reads every 64.
+Each round fits every (model, setting) pair once, in alternating order. Two figures per fit:
+- per step: the wall time from the start of step `--warm` to the end of the last step, divided by the steps
+  between. This is the cost that grows with a run: it holds every logging step (the trainer logs every 50 steps,
+  Lightning's default; grad_noise reads every 64) and every step between them.
+- fixed: the rest of the fit (set-up, the first steps, and the end-of-fit health report and gradient-flow picture
+  with their imports), paid once per run, whatever its length.
+The table shows medians over rounds and the per-step ratio.
 """
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from gradlab.observe import Observatory  # noqa: E402
+from gradlab.run.precision import cpu_model  # noqa: E402
 from zoo import Classifier, LanguageModel, TinyGPT, class_data, loader, token_data  # noqa: E402
 
 
@@ -33,36 +38,60 @@ def models():
             "GPT LM (2 layers, d=64)": (lambda: LanguageModel(TinyGPT(d=64, heads=4)), token_data(n=64), 16)}
 
 
-def fit_seconds(make, dataset, batch, steps: int, observed: bool) -> float:
+class StepClock(pl.Callback):
+    """Wall time from the start of optimizer step `warm` to the end of the last training batch."""
+
+    def __init__(self, warm: int):
+        self.warm, self.start, self.end, self.steps = warm, None, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warm and self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.end, self.steps = time.perf_counter(), trainer.global_step - self.warm
+
+
+def fit(make, dataset, batch, steps: int, warm: int, observed: bool) -> tuple[float, float]:
+    """(seconds per step after `warm`, fixed seconds: the fit's total less steps x the per-step time)."""
     torch.manual_seed(0)
+    clock = StepClock(warm)
     with tempfile.TemporaryDirectory() as tmp:
+        callbacks = [clock, *(Observatory(out_dir=tmp) if observed else [])]
         trainer = pl.Trainer(max_steps=steps, accelerator="cpu", log_every_n_steps=50, enable_progress_bar=False,
                              enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp,
-                             logger=TensorBoardLogger(tmp), callbacks=Observatory(out_dir=tmp) if observed else [])
+                             logger=TensorBoardLogger(tmp), callbacks=callbacks)
         data = loader(dataset, batch)
         start = time.perf_counter()
         trainer.fit(make(), data)
-        return time.perf_counter() - start
+        total = time.perf_counter() - start
+    per_step = (clock.end - clock.start) / clock.steps
+    return per_step, total - per_step * steps
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warm", type=int, default=5, help="steps left out of the per-step time (warm-up)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.steps <= args.warm + 64:
+        parser.error(f"--steps must exceed --warm + 64 (one grad_noise reading after the warm-up), got {args.steps}")
     torch.set_num_threads(1)
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if line.startswith("Model name")), "unknown CPU")
     times = {}
     for r in range(args.rounds):
         for name, (make, dataset, batch) in models().items():
             for observed in ((False, True) if r % 2 == 0 else (True, False)):
-                times.setdefault((name, observed), []).append(fit_seconds(make, dataset, batch, args.steps, observed))
-    print(f"{cpu}, 1 thread, {args.steps} steps, median of {args.rounds} rounds")
-    print("| model | off (s) | Observatory() (s) | ratio |\n| --- | --- | --- | --- |")
+                times.setdefault((name, observed), []).append(fit(make, dataset, batch, args.steps, args.warm,
+                                                                  observed))
+    print(f"{cpu_model()}, 1 thread, {args.steps} steps a fit (per step: steps {args.warm}-{args.steps}), "
+          f"median of {args.rounds} rounds")
+    print("| model | per step, off (ms) | per step, Observatory() (ms) | ratio | fixed, off (s) | fixed, on (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name in models():
-        off, on = statistics.median(times[(name, False)]), statistics.median(times[(name, True)])
-        print(f"| {name} | {off:.2f} | {on:.2f} | {on / off:.3f} |")
+        off, on = ([statistics.median(x) for x in zip(*times[(name, observed)])] for observed in (False, True))
+        print(f"| {name} | {off[0] * 1e3:.1f} | {on[0] * 1e3:.1f} | {on[0] / off[0]:.3f} | {off[1]:.2f} | "
+              f"{on[1]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,13 @@ def test_other_optimizers_have_no_adam_state():
     net = nn.Linear(2, 2)
     names, params, groups = layer_groups(net)
     assert adam_state(torch.optim.SGD(params, lr=0.1), params, groups) is None
+
+
+def test_float32_sums_over_millions_of_elements_match_float64():
+    # A plain float32 reduction over 10⁷ elements drifts by ~1e-3; the per-row sums must not.
+    from gradlab.observe.optimizer_state import _sq, _sum
+
+    g = torch.Generator().manual_seed(0)
+    t, u = torch.randn(3_000_001, generator=g) + 0.5, torch.randn(3_000_001, generator=g)
+    assert _sq(t).item() == pytest.approx(t.double().square().sum().item(), rel=1e-6)
+    assert _sum(t * u).item() == pytest.approx((t.double() * u.double()).sum().item(), rel=1e-5, abs=1e-3)

@@ -36,10 +36,36 @@ def _layer_sums(values: list[torch.Tensor], groups: list[list[int]]) -> list[tor
     return [sum(values[i] for i in g) for g in groups]
 
 
-def param_dist(params: list[torch.Tensor], init: list[torch.Tensor], groups: list[list[int]]) -> list[float]:
-    """‖θ − θ₀‖/‖θ₀‖ per group of parameter indices, and last the total over all of them."""
-    diff = [(p.detach().double() - p0.double()).square().sum() for p, p0 in zip(params, init)]
-    base = [p0.double().square().sum() for p0 in init]
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """Element-wise arithmetic in the tensor's own precision, never below float32 (bf16/fp16 states)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+ROW = 4096  # sums are taken per row of this many elements in the tensor's precision, then added in float64
+
+
+def _sum(t: torch.Tensor, square: bool = False) -> torch.Tensor:
+    """Σ t (or Σ t²) in float64, without a float64 copy: a float32 sum over 10⁷ elements in one run is off by
+    ~1e-3 relative, one over a row of ROW elements by ~1e-7."""
+    flat = t.reshape(-1).to(_work_dtype(t))
+    n = flat.numel() // ROW * ROW
+    rows, rest = flat[:n].view(-1, ROW), flat[n:]
+    if square:
+        return (torch.linalg.vector_norm(rows, dim=1).double().square().sum()
+                + torch.linalg.vector_norm(rest).double().square())
+    return rows.sum(1).double().sum() + rest.double().sum()
+
+
+def _sq(t: torch.Tensor) -> torch.Tensor:
+    return _sum(t, square=True)
+
+
+def param_dist(params: list[torch.Tensor], init: list[torch.Tensor], groups: list[list[int]],
+               base: Optional[list[torch.Tensor]] = None) -> list[float]:
+    """‖θ − θ₀‖/‖θ₀‖ per group of parameter indices, and last the total over all of them (`base`: the Σ θ₀² per
+    tensor, when the caller keeps them)."""
+    diff = [_sq(p.detach() - p0) for p, p0 in zip(params, init)]
+    base = base if base is not None else [_sq(p0) for p0 in init]
     d, b = _layer_sums(diff, groups), _layer_sums(base, groups)
     d.append(sum(diff))
     b.append(sum(base))
@@ -59,21 +85,25 @@ def adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], gro
             return None
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         t = float(state["step"])
-        m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
+        dtype = _work_dtype(state["exp_avg"])  # the state's own precision; the sums below in float64
+        m, v = state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype)
         if group.get("amsgrad"):
-            v = state["max_exp_avg_sq"].double()
-        denom = (v / (1 - beta2 ** t)).sqrt()                            # √v̂
-        step = lr * (m / (1 - beta1 ** t)) / (denom + eps)               # η·m̂/(√v̂ + ε): minus the update
+            v = state["max_exp_avg_sq"].to(dtype)
+        denom = (v / (1 - beta2 ** t)).sqrt_()                            # √v̂
+        eps_count = (denom < eps).sum(dtype=torch.float64)
+        step = (m / denom.add_(eps)).mul_(lr / (1 - beta1 ** t))          # η·m̂/(√v̂ + ε): minus the update
+        del denom
         if isinstance(optimizer, torch.optim.AdamW) and group["weight_decay"]:
-            # decoupled decay first: θ' = θ(1 − ηλ) − u, so θ = (θ' + u)/(1 − ηλ) and the decay's share is ηλθ
-            decay = lr * group["weight_decay"]
-            step = step + decay * (p.detach().double() + step) / (1 - decay)
-        g = p.grad.double()
-        sums["mm"].append(m.square().sum())
-        sums["ss"].append(step.square().sum())
-        sums["sg"].append((step * g).sum())
-        sums["gg"].append(g.square().sum())
-        sums["eps"].append((denom < eps).sum().double())
+            # decoupled decay first: θ' = θ(1 − ηλ) − u, so θ = (θ' + u)/(1 − ηλ) and the decay's share is
+            # ηλθ = k(θ' + u) with k = ηλ/(1 − ηλ): the whole step is (1 + k)u + kθ'
+            k = lr * group["weight_decay"] / (1 - lr * group["weight_decay"])
+            step.mul_(1 + k).add_(p.detach().to(dtype), alpha=k)
+        g = p.grad.to(dtype)
+        sums["mm"].append(_sq(m))
+        sums["ss"].append(_sq(step))
+        sums["sg"].append(_sum(step.mul_(g)))  # last use of step
+        sums["gg"].append(_sq(g))
+        sums["eps"].append(eps_count)
         sums["n"].append(torch.tensor(float(p.numel()), dtype=torch.float64))
     per = {k: _layer_sums(v, groups) + [sum(v)] for k, v in sums.items()}
     return {"m_norm": [float(x.sqrt()) for x in per["mm"]],
@@ -104,6 +134,7 @@ class OptimizerStateMonitor(Instrument):
             self.init = [p.detach().clone() for p in params]
         else:  # from a checkpoint: onto the weights' device
             self.init = [t.to(p.device, p.dtype) for t, p in zip(self.init, params)]
+        self._base = [_sq(t) for t in self.init]  # Σ θ₀² per tensor, once
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps taken; the same over the micro-batches of one step
@@ -112,7 +143,7 @@ class OptimizerStateMonitor(Instrument):
         self._logged = step
         _, params, groups = layer_groups(pl_module, self.strip_prefix)
         tags = [*self.layers, "total"]
-        metrics = {f"param_dist/{t}": v for t, v in zip(tags, param_dist(params, self.init, groups))}
+        metrics = {f"param_dist/{t}": v for t, v in zip(tags, param_dist(params, self.init, groups, self._base))}
         opt = trainer.optimizers[0] if trainer.optimizers else None
         state = adam_state(opt, params, groups) if opt is not None else None
         for kind, values in (state or {}).items():
