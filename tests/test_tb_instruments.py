@@ -370,3 +370,21 @@ def test_ddp_two_processes_log_reduced_values_once(mnist_root, tmp_path):
             assert dict(scalars[f"act/dead/{layer}"])[step] == pytest.approx(dead, abs=1e-9)
     assert [s for s, _ in scalars["act/mean/layers.fc1"]] == steps  # logged once per step (by rank 0)
     assert json.loads((run_dir / "health.json").read_text())["findings"]  # the report, once, from rank 0
+
+
+def _series(values, steps=None):
+    return [(s, float(v)) for s, v in zip(steps or range(len(values)), values)]
+
+
+def test_stopped_learning_is_one_layer_falling_not_a_converged_loss():
+    """Synthetic scalars, 16 logging steps: a model that fits its data (every gradient falls 1e5x together) is
+    not flagged; one layer falling 1e4x while the rest keep their gradient is."""
+    falling = [10.0 ** (-k / 3) for k in range(16)]           # 1 -> 1e-5
+    flat = [1.0] * 16
+    converged = {"grad_norm/a.weight": _series(falling), "grad_norm/b.weight": _series(falling),
+                 "grad_norm/total": _series(falling)}
+    assert diagnose(converged).healthy
+    one_stops = {"grad_norm/a.weight": _series(falling), "grad_norm/b.weight": _series(flat),
+                 "grad_norm/total": _series(flat)}
+    (found,) = [f for f in diagnose(one_stops).findings if f.verdict == "stopped learning"]
+    assert found.layer == "a.weight" and found.steps == (12, 15)

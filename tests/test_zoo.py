@@ -13,7 +13,11 @@ from observed import fit, health, scalars
 from zoo import (
     ACTIVATION_MODULES,
     NORM_MODULES,
+    Classifier,
+    Conv3dNet,
     LanguageModel,
+    MNISTLitModule,
+    SimpleDenseNet,
     TinyGPT,
     count_calls,
     loader,
@@ -195,3 +199,108 @@ def test_the_observatory_is_what_the_template_configures(tmp_path):
         assert {k: v for k, v in vars(mine).items() if not k.startswith("_") and k != "_console"} == \
                {k: v for k, v in vars(cb).items() if not k.startswith("_") and k != "_console"}, name
     assert {cb.name for cb in ours} - set(built) == {"health"}  # its out_dir is the run's folder: ${paths...}
+
+
+class BagOfWords(pl.LightningModule):
+    """A 10,000-row embedding of which the data uses 20 rows: the shape of a language model's vocabulary."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10_000, 16), nn.Linear(16, 2)
+
+    def training_step(self, batch, batch_idx):
+        tokens, y = batch
+        return F.cross_entropy(self.out(self.emb(tokens).mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class Witness(pl.Callback):
+    """Weights and the used rows before each optimizer step, the weights after: an independent record."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        w = pl_module.emb.weight
+        self.steps.append([w.detach().clone(), w.grad.ne(0).any(1)])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps[-1].append(pl_module.emb.weight.detach().clone())
+
+
+def test_an_embeddings_update_ratio_is_over_the_rows_the_step_used(tmp_path):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 20, (32, 6))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, (tokens[:, 0] < 10).long()),
+                                       batch_size=8)
+    witness = Witness()
+    fit(BagOfWords(), data, tmp_path, max_steps=4,
+        callbacks=[*Observatory(out_dir=str(tmp_path), grad_norm={"log_every_n_steps": 1}), witness])
+    logged = [v for _, v in scalars(tmp_path)["update_ratio/emb.weight"]]
+    expected = [((after - before)[used].norm() / before[used].norm()).item() for before, used, after in witness.steps]
+    assert logged == pytest.approx(expected, rel=1e-5)
+    whole = [((after - before).norm() / before.norm()).item() for before, _, after in witness.steps]
+    assert all(w < 0.1 * e for w, e in zip(whole, expected))  # over all 10,000 rows it would look 10x+ smaller
+    assert witness.steps[0][1].sum() <= 20
+
+
+# ---- verdicts on architectures gradlab did not write ----------------------------------------------------------------
+EVERY_2 = {k: {"log_every_n_steps": 2} for k in ("grad_norm", "grad_noise", "activations", "optimizer_state")}
+
+
+def report_of(module: pl.LightningModule, dataset, tmp_path, steps: int = 32) -> list[dict]:
+    """The end-of-fit report's findings after `steps` steps (a logging step every 2)."""
+    fit(module, loader(dataset), tmp_path, max_steps=steps,
+        callbacks=Observatory(**EVERY_2, out_dir=str(tmp_path)))
+    return health(tmp_path)["findings"]
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_each_zoo_model_learning_its_task_gets_a_healthy_report(tmp_path, name):
+    """Each zoo model with its own optimizer settings (Adam, lr 1e-3 or 3e-3) on data it can learn: the loss
+    falls, and the report finds nothing (resnet18 and mobilenet fit their data: every gradient falls together)."""
+    make, dataset, _ = ZOO[name]
+    torch.manual_seed(0)
+    module = make()
+    batch = next(iter(loader(dataset)))
+    module.log = lambda *args, **kwargs: None
+    with torch.no_grad():
+        before = float(module.training_step(batch, 0))
+    del module.log
+    findings = report_of(module, dataset, tmp_path, steps=16)  # 8 readings: the fewest the rules judge
+    module.log = lambda *args, **kwargs: None
+    with torch.no_grad():
+        after = float(module.training_step(batch, 0))
+    del module.log
+    assert after < before, (before, after)
+    assert [f["verdict"] for f in findings] == ["healthy"], findings
+
+
+def sigmoid_stack() -> nn.Module:
+    layers = [nn.Flatten(), nn.Linear(16, 32), nn.Sigmoid()]
+    for _ in range(8):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(32, 10))
+
+
+def dead_relus() -> nn.Module:
+    net = SimpleDenseNet()
+    with torch.no_grad():
+        net.model[1].bias.fill_(-10.0)  # the first BatchNorm's shift: the ReLU after it sees only negatives
+    return net
+
+
+@pytest.mark.parametrize("fault, model, make, verdict", [
+    ("sigmoid stack", "hydra_template_mnist", lambda: MNISTLitModule(sigmoid_stack()), "vanishing"),
+    ("dead relus", "hydra_template_mnist", lambda: MNISTLitModule(dead_relus()), "dead units"),
+    # Adam at 0.1 instead of 1e-3: the tanh and softplus after the 3-D convolutions are driven flat
+    ("lr x100", "conv3d", lambda: Classifier(Conv3dNet(), lr=0.1), "saturated"),
+])
+def test_each_planted_fault_is_found_on_a_zoo_model(tmp_path, fault, model, make, verdict):
+    """The Lightning-Hydra template's MNIST module (tests/zoo.py) and the 3-D conv net, each with one fault planted,
+    on the data the healthy test above learns."""
+    torch.manual_seed(0)
+    findings = report_of(make(), ZOO[model][1], tmp_path)
+    assert verdict in {f["verdict"] for f in findings}, findings

@@ -10,7 +10,10 @@ Tags (a contract, like train/loss):
     grad_norm/total            L2 norm of all gradients as one vector (before clipping)
     grad_norm/total_after_clip the same after clipping (only when clipping is on)
     param_norm/<param>         ‖w‖ before the optimizer step
-    update_ratio/<param>       ‖Δw‖/‖w‖ of the optimizer step: around 1e-3 is healthy, 1e-1 is too big a step
+    update_ratio/<param>       ‖Δw‖/‖w‖ of the optimizer step: around 1e-3 is healthy, 1e-1 is too big a step.
+                               An embedding's (nn.Embedding) is taken over the rows the step used (a nonzero
+                               gradient row): a batch touches a few rows of a large vocabulary, and the rest
+                               would make a healthy step look 1,000x too small
     grad_norm_log10/*, update_ratio_log10/*   log10 of the above, for the layout's charts (log10=true)
     update_ratio_log10/band_{low,1e-3,high}   -4, -3, -2: the healthy band's reference lines in the layout
     grad_hist/<param>          gradient histograms (TensorBoard only; off unless histogram_every_n_steps > 0)
@@ -97,6 +100,7 @@ class GradNormMonitor(Instrument):
         self._pending: Optional[dict[str, Any]] = None  # what on_before_optimizer_step leaves for after the step
         self._snapshot: list[torch.Tensor] = []  # weights before the step, reused between logging steps
         self._named: Optional[list[tuple[str, torch.nn.Parameter]]] = None
+        self._tables: set[int] = set()  # ids of nn.Embedding weights: their update ratio is over the used rows
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._named = None  # (tag, parameter) pairs, listed once: named_parameters() walks every module
@@ -116,6 +120,7 @@ class GradNormMonitor(Instrument):
             return
         if self._named is None:
             self._named = [(tag(n, self.strip_prefix), p) for n, p in pl_module.named_parameters()]
+            self._tables = {id(m.weight) for m in pl_module.modules() if isinstance(m, torch.nn.Embedding)}
         named = [(n, p) for n, p in self._named if p.grad is not None]
         if not named:
             return
@@ -134,7 +139,11 @@ class GradNormMonitor(Instrument):
                    "params": [p for _, p in named]}
         if self.update_ratio:
             weights = [p.detach() for _, p in named]
-            pending["param_norms"] = torch.stack(torch._foreach_norm(weights))
+            param_norms = list(torch._foreach_norm(weights))
+            rows = {i: dense(p.grad).ne(0).flatten(1).any(1) for i, (_, p) in enumerate(named) if id(p) in self._tables}
+            for i, used in rows.items():  # an embedding: the rows this step used
+                param_norms[i] = torch.linalg.vector_norm(weights[i][used])
+            pending["param_norms"], pending["rows"] = torch.stack(param_norms), rows
             self._take_snapshot(weights)
         self._pending = pending
 
@@ -150,7 +159,10 @@ class GradNormMonitor(Instrument):
             parts.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(clipped))).reshape(1))
         if self.update_ratio:
             torch._foreach_sub_(self._snapshot, [p.detach() for p in params])  # w_before - w_after = -Δw
-            deltas = torch.stack(torch._foreach_norm(self._snapshot))
+            deltas = list(torch._foreach_norm(self._snapshot))
+            for i, used in pending["rows"].items():
+                deltas[i] = torch.linalg.vector_norm(self._snapshot[i][used])
+            deltas = torch.stack(deltas)
             w = pending["param_norms"]
             parts += [w, torch.where(w > 0, deltas / w, torch.nan)]  # a zero-initialized weight has no ratio yet
         values = torch.cat([t.to(parts[0].dtype) for t in parts]).tolist()  # the one device-to-host copy

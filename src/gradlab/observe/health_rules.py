@@ -10,11 +10,12 @@ Each finding names the layer, the step range, the evidence and a likely fix; a r
     vanishing    a weight layer's median gradient norm is below `vanishing` (1e-3) times the largest of a layer after
                  it (the same definition as grad_norm's live warning: `vanishing` below)
     update ratio a weight's median ‖Δw‖/‖w‖ over the run is above `ratio_high` (0.1, 100x the usual 1e-3) or
-                 below `ratio_low` (1e-5, 100x under it); biases are left out (they start at 0)
+                 below `ratio_low` (1e-5, 100x under it); biases and weights that start at 0 are left out
     saturated    a sigmoid/tanh layer's median saturated fraction (second half) is above `saturation` (0.3)
     dead units   a ReLU layer's median dead fraction (second half) is above `dead` (0.5)
     stopped      a weight layer's gradient norm in the last quarter fell below `stopped` (1e-3) times its first
-                 quarter's: it no longer learns
+                 quarter's, and that much further than the total norm did: it no longer learns while the rest
+                 does (all layers falling together is a loss that converged)
     edge of stability  the sharpness (curv/*, callbacks=[default,curvature]) sat above the optimizer's stability
                  threshold 2/η ... (curvature_findings)
 Medians over a window keep one noisy logging step from deciding a verdict. Parameters with requires_grad=False
@@ -196,8 +197,9 @@ def vanishing_rule(scalars, grads, th) -> list[Finding]:
 def update_ratio(scalars, grads, th) -> list[Finding]:
     too: dict[str, list] = {"big": [], "small": []}  # (layer, median, window) per direction, input layer first
     for name, series in _family(scalars, "update_ratio/").items():
-        if not _is_weight(name):
-            continue  # a bias starts at 0, so its ratio is large by construction
+        start = scalars.get(f"param_norm/{name}")
+        if not _is_weight(name) or (start and start[0][1] == 0):
+            continue  # a bias, or a weight that starts at 0 (a zero-initialized head, a class token): large by design
         window = series  # the whole run: a too-big step shows most in the first steps, before |w| grows
         r = _median(window)
         if window and math.isfinite(r) and (r > th.ratio_high or r < th.ratio_low):
@@ -247,19 +249,30 @@ dead_units = _activation_rule("dead", "dead units",
                               "batch norm")
 
 
+def _drop(series: Series) -> Optional[tuple[float, float]]:
+    """(first quarter's median, last quarter's) of a series' finite values; None when too short to tell."""
+    finite = [(s, v) for s, v in series if math.isfinite(v)]
+    if len(finite) < 8:
+        return None
+    return _median(_quarter(finite, 0)), _median(_quarter(finite, -1))
+
+
 def stopped(scalars, grads, th) -> list[Finding]:
+    # Judged against the whole network: when every gradient falls together the loss has converged (a model that
+    # fits its data), not one layer stopped. A layer stops when it falls `stopped` times further than the total.
+    total = _drop(scalars.get("grad_norm/total", []))
+    converged = total[1] / total[0] if total and total[0] > 0 else 1.0
     out = []
     for name, series in grads.items():
-        if not _is_weight(name):
+        drop = _drop(series) if _is_weight(name) else None
+        if drop is None:
             continue
-        finite = [(s, v) for s, v in series if math.isfinite(v)]
-        if len(finite) < 8:
-            continue
-        early, late = _median(_quarter(finite, 0)), _median(_quarter(finite, -1))
-        if early > 0 and late < th.stopped * early:
-            window = _quarter(finite, -1)
+        early, late = drop
+        if early > 0 and late < th.stopped * early * min(converged, 1.0):
+            window = _quarter([(s, v) for s, v in series if math.isfinite(v)], -1)
             out.append(Finding("stopped learning", name, (window[0][0], window[-1][0]),
-                               f"gradient norm fell from {early:.2g} (first quarter) to {late:.2g} (last quarter)",
+                               f"gradient norm fell from {early:.2g} (first quarter) to {late:.2g} (last quarter)"
+                               f", the whole network's by {converged:.2g}x",
                                "dead or saturated units feed it (see the act/* charts), or the lr schedule hit 0"))
     return out
 
