@@ -91,9 +91,9 @@ class Block(nn.Module):
 class TinyGPT(nn.Module):
     """Computes its loss inside forward and returns (logits, loss), as nanoGPT does."""
 
-    def __init__(self, vocab: int = VOCAB, d: int = 16, heads: int = 2, layers: int = 2):
+    def __init__(self, vocab: int = VOCAB, d: int = 16, heads: int = 2, layers: int = 2, context: int = CONTEXT):
         super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(CONTEXT, d)
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
@@ -190,12 +190,12 @@ def image_data(n: int = 32, size: int = 16, seed: int = 0):
     return torch.utils.data.TensorDataset(x, torch.zeros(n, dtype=torch.long))
 
 
-def token_data(n: int = 32, seed: int = 0):
-    """Counting sequences modulo VOCAB: the next token is the last one plus a per-sequence stride (1 or 2)."""
+def token_data(n: int = 32, seed: int = 0, vocab: int = VOCAB, context: int = CONTEXT):
+    """Counting sequences modulo `vocab`: the next token is the last one plus a per-sequence stride (1 or 2)."""
     g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, VOCAB, (n, 1), generator=g)
+    start = torch.randint(0, vocab, (n, 1), generator=g)
     stride = 1 + torch.randint(0, 2, (n, 1), generator=g)
-    seq = (start + stride * torch.arange(CONTEXT + 1)) % VOCAB                # (N, T + 1)
+    seq = (start + stride * torch.arange(context + 1)) % vocab                # (N, T + 1)
     return torch.utils.data.TensorDataset(seq[:, :-1], seq[:, 1:])
 
 
