@@ -7,6 +7,8 @@ Every section runs even when an earlier one fails; each gives one row: what ran,
   cuda tests      `pytest -m cuda`: gradchecks of the hand-written Functions on the device, float32 and bf16 steps
   cnn epoch       one epoch of real MNIST digits through train.py, float32 and bf16-mixed: samples/s, s per epoch
   cnn steady      a 60,000-image MNIST-shaped set: train.py's steady samples/s beside a plain PyTorch loop's
+  cnn ablation    the same run with parts taken away (the NaN guard, the instruments, every callback) beside a
+                  plain loop, a plain loop with a host sync per step, and bare Lightning: where the time goes
   imdb gru        the imdb_gru recipe's step on packed, bucketed real reviews: reviews/s, projected 3 epochs
   mlp manual      the hand-written MLP against autograd on the device: step time ratio
   grad overhead   the gradient instruments logging every step against off (GPU: host syncs cost most)
@@ -132,8 +134,78 @@ def cnn_steady(args) -> str:
     return f"gradlab {ours:.0f} samples/s, plain loop {plain:.0f} samples/s: ratio {ours / plain:.2f}x"
 
 
-def plain_cnn_rate(args, steps: int, compile_: bool = False) -> float:
-    """pytorch/examples' loop on device-resident random batches of 64: samples/s after warm-up."""
+INSTRUMENTS = ("grad_norm", "grad_noise", "activations", "optimizer_state", "throughput", "grad_flow", "health",
+               "layout")
+PLUMBING = ("model_checkpoint", "resume", "lr_monitor", "plain_progress")
+
+
+@section("cnn steady: where the time goes")
+def cnn_ablation(args) -> str:
+    """The same 60k-image steady run with parts of gradlab taken away, one at a time and then all: which part
+    costs what against the plain loop (a GPU step of this CNN is ~2 ms, so host-side time per step shows)."""
+    n = 2_000 if args.quick else 60_000
+    data = mnist_like(Path(args.work) / "synthetic", n, 1_000)
+    steps = 20 if args.quick else 400
+    common = ["experiment=mnist_cnn", f"paths.data_dir={data}", "data.download=false", "data.val_size=1000",
+              f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "test=false"]
+    off = lambda names: [f"callbacks.{name}=null" for name in names]  # noqa: E731
+    variants = {
+        "default": [],
+        "NaN guard warn": ["callbacks.grad_norm.on_nonfinite=warn"],
+        "no instruments": off(INSTRUMENTS),
+        "no callbacks": off(INSTRUMENTS + PLUMBING),
+        "no callbacks, csv logger": [*off(INSTRUMENTS + PLUMBING), "logger=csv"],
+    }
+    plain = plain_cnn_rate(args, steps)
+    synced = plain_cnn_rate(args, steps, sync_each_step=True)
+    bare = bare_lightning_rate(args, steps)
+    parts = [f"plain loop {plain:.0f}/s", f"plain loop + 1 host sync a step {synced:.0f}/s ({synced / plain:.2f}x)",
+             f"bare Lightning {bare:.0f}/s ({bare / plain:.2f}x)"]
+    for name, overrides in variants.items():
+        rate = train(args, *common, *overrides)["samples_per_s"]
+        parts.append(f"{name} {rate:.0f}/s ({rate / plain:.2f}x)")
+    return "; ".join(parts)
+
+
+def bare_lightning_rate(args, steps: int) -> float:
+    """The same CNN and batches in a minimal LightningModule and a plain Trainer (no logger, no callbacks):
+    Lightning's own cost per step."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from gradlab.data.tensor_loader import TensorBatches, identity_collate
+    from gradlab.models.cnn import MnistCNN
+
+    class Bare(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = MnistCNN()
+
+        def training_step(self, batch, batch_idx):
+            if batch_idx == args.warmup:
+                sync(args.device)
+                self.start = time.perf_counter()
+            x, y = batch
+            return torch.nn.functional.nll_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adadelta(self.parameters(), lr=1.0)
+
+    device = torch.device(args.device)
+    n = 64 * (args.warmup + steps)
+    data = TensorBatches(torch.randn(n, 1, 28, 28, device=device), torch.randint(0, 10, (n,), device=device))
+    module = Bare()
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=args.work)
+    trainer.fit(module, DataLoader(data, batch_size=64, collate_fn=identity_collate))
+    sync(args.device)
+    return steps * 64 / (time.perf_counter() - module.start)
+
+
+def plain_cnn_rate(args, steps: int, compile_: bool = False, sync_each_step: bool = False) -> float:
+    """pytorch/examples' loop on device-resident random batches of 64: samples/s after warm-up. sync_each_step
+    reads the loss on the host every step, as a NaN check does."""
     from gradlab.models.cnn import MnistCNN
 
     device = torch.device(args.device)
@@ -148,7 +220,10 @@ def plain_cnn_rate(args, steps: int, compile_: bool = False) -> float:
             sync(args.device)
             start = time.perf_counter()
         optimizer.zero_grad()
-        torch.nn.functional.nll_loss(net(x), y).backward()
+        loss = torch.nn.functional.nll_loss(net(x), y)
+        loss.backward()
+        if sync_each_step:
+            bool(torch.isfinite(loss))
         optimizer.step()
     sync(args.device)
     return steps * 64 / (time.perf_counter() - start)
@@ -222,8 +297,10 @@ def ddp_resume(args) -> str:
                   timer=False)
     run_dir = first["run_dir"]
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    # A resumed run continues in the folder of the run it resumes, under the same root.
-    second = train(args, *strategy, *common, "trainer.max_steps=30", f"ckpt_path={last}", timer=False,
+    # A resumed run continues in the folder of the run it resumes, under the same root. The first run finished
+    # (max_steps=20), so going on to 30 steps changes a finished run's settings: +resume.force=true says so.
+    second = train(args, *strategy, *common, "trainer.max_steps=30", f"ckpt_path={last}", "+resume.force=true",
+                   timer=False,
                    root=first["root"])
     if second["steps"] != 30:
         raise RuntimeError(f"resumed run ended at step {second['steps']}, expected 30")
@@ -242,7 +319,7 @@ def compile_cnn(args) -> str:
             f"compile + run {total:.0f} s")
 
 
-SECTIONS = [cuda_tests, cnn_epoch, cnn_steady, imdb_gru, mlp_manual, grad_overhead, ddp_resume, compile_cnn]
+SECTIONS = [cuda_tests, cnn_epoch, cnn_steady, cnn_ablation, imdb_gru, mlp_manual, grad_overhead, ddp_resume, compile_cnn]
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,9 @@ if [ -f "$data/aclImdb_train.tar.gz" ]; then
   tar -xzf "$data/aclImdb_train.tar.gz" -C "$tmp"
   for label in pos neg; do
     mkdir -p ".gl/data/imdb/aclImdb/train/$label"
-    find "$tmp/aclImdb/train/$label" -name '*.txt' | sort | head -2000 | xargs -I{} cp {} ".gl/data/imdb/aclImdb/train/$label/"
+    # the list goes through a file: `find | head` under pipefail ends the script when head closes the pipe early
+    find "$tmp/aclImdb/train/$label" -name '*.txt' | sort >"$tmp/$label.list"
+    head -n 2000 "$tmp/$label.list" | xargs -I{} cp {} ".gl/data/imdb/aclImdb/train/$label/"
   done
   rm -rf "$tmp"
 fi

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradlab.data.mnist import SAMPLE_NOTE, SAMPLE_ROOT, MNISTDataModule
-from gradlab.data.tensor_loader import TensorBatches
+from gradlab.data.tensor_loader import TensorBatches, pin_batches
 from gradlab.errors import UserError
 from helpers import fake_digits, write_idx, write_mnist
 
@@ -42,6 +42,21 @@ def test_split_is_fixed_by_split_seed_not_seed(mnist_root):
 
     assert torch.equal(val_labels(1), val_labels(1))
     assert not torch.equal(val_labels(1), val_labels(2))
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_batches_are_pinned_only_when_a_trainer_trains_on_a_gpu(mnist_root, tmp_path, device):
+    import lightning.pytorch as pl
+
+    dm = MNISTDataModule(root=str(mnist_root), download=False, val_size=40)  # data.pin_memory: null
+    assert pin_batches(dm, None) is False  # no trainer yet
+    dm.trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
+                            default_root_dir=tmp_path)
+    dm.setup("fit")
+    assert pin_batches(dm, None) is (device == "cuda")
+    assert pin_batches(dm, True) is True and pin_batches(dm, False) is False  # a setting wins
+    xb, _ = next(iter(dm.train_dataloader()))
+    assert xb.is_pinned() is (device == "cuda")
 
 
 def test_loader_batches_equal_sample_by_sample_stacking():

@@ -58,6 +58,7 @@ COUNT: Check = (lambda v: _int(v) and v >= 1, "an integer >= 1")
 COUNT_OR_NULL: Check = (lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1, or null")
 NON_NEG_INT: Check = (lambda v: _int(v) and v >= 0, "an integer >= 0")
 BOOL: Check = (lambda v: isinstance(v, bool), "true or false")
+BOOL_OR_NULL: Check = (lambda v: v is None or isinstance(v, bool), "true, false or null")
 SIZES: Check = (lambda v: COUNT[0](v) or (isinstance(v, list) and len(v) > 0 and all(COUNT[0](x) for x in v)),
                 "an integer >= 1 (or a non-empty list of them)")
 BATCHES: Check = (lambda v: v is None or (_int(v) and v >= 0) or (isinstance(v, float) and 0 <= v <= 1),
@@ -101,7 +102,7 @@ RULES: list[tuple[str, Check]] = [
     ("data.max_vocab_size", (lambda v: _int(v) and v >= 3, "an integer >= 3 (<pad>, <unk> and at least one word)")),
     ("data.min_freq", COUNT),
     ("data.bucket_batches", COUNT_OR_NULL),
-    ("data.download", BOOL), ("data.pin_memory", BOOL), ("data.allow_sample", BOOL),
+    ("data.download", BOOL), ("data.pin_memory", BOOL_OR_NULL), ("data.allow_sample", BOOL),
     ("data.truncate", _one_of("head", "tail")),
     # model
     ("model.on_nonfinite_loss", _one_of("stop", "skip")),

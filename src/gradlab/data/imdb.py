@@ -19,6 +19,7 @@ from torchvision.datasets.utils import download_url
 from gradlab.config.rules import require, val_count
 from gradlab.data.bounded import extract_tar, read_bytes
 from gradlab.data.resumable import ResumableLoader, SeededShuffle, run_seed
+from gradlab.data.tensor_loader import pin_batches
 from gradlab.data.text import BucketBatchSampler, ReviewDataset, encode, pad_collate, train_tokenizer
 from gradlab.errors import UserError
 
@@ -124,7 +125,7 @@ class IMDBDataModule(pl.LightningDataModule):
     def __init__(self, root: str = "data", batch_size: int = 64, val_size: int | float = 2500, split_seed: int = 12345,
                  max_vocab_size: int = 25000, min_freq: int = 2, max_len: Optional[int] = 400, truncate: str = "tail",
                  eval_max_len: Optional[int] = None, bucket_batches: int = 50, num_workers: int = 0,
-                 pin_memory: bool = False, download: bool = True, cache_dir: Optional[str] = None,
+                 pin_memory: Optional[bool] = None, download: bool = True, cache_dir: Optional[str] = None,
                  num_classes: int = 1):
         super().__init__()
         for key, value in (("truncate", truncate), ("max_vocab_size", max_vocab_size), ("val_size", val_size)):
@@ -240,7 +241,7 @@ class IMDBDataModule(pl.LightningDataModule):
                                      shuffle_batches=train, seed=seed)
         return (ResumableLoader if train else DataLoader)(
             dataset, batch_sampler=batches, collate_fn=pad_collate, num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory, persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=pin_batches(self, self.hparams.pin_memory), persistent_workers=self.hparams.num_workers > 0,
             generator=torch.Generator().manual_seed(seed))
 
     def state_dict(self) -> dict:

@@ -78,7 +78,7 @@ class MNISTDataModule(InMemoryDataModule):
     """
 
     def __init__(self, root: str = "data", dataset: str = "mnist", batch_size: int = 64, val_size: int | float = 5000,
-                 split_seed: int = 12345, num_workers: int = 0, pin_memory: bool = False, download: bool = True,
+                 split_seed: int = 12345, num_workers: int = 0, pin_memory: Optional[bool] = None, download: bool = True,
                  allow_sample: bool = True, num_classes: int = 10, input_dim: int = 784,
                  mirror_symmetric: bool = False, hflip: bool = False):
         super().__init__()

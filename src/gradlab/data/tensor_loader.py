@@ -41,6 +41,16 @@ class MirroredBatches(TensorBatches):
         return (x, *rest)
 
 
+def pin_batches(datamodule: pl.LightningDataModule, setting: Optional[bool]) -> bool:
+    """`data.pin_memory`; null pins when the trainer trains on a GPU. A batch in pinned host memory goes to the
+    GPU asynchronously; from ordinary (pageable) memory the copy waits for the GPU's queued work, a host sync
+    per step."""
+    if setting is not None:
+        return setting
+    trainer = datamodule.trainer
+    return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
 def identity_collate(batch):
     """The batch from `__getitems__` is already stacked."""
     return batch
@@ -61,7 +71,7 @@ class InMemoryDataModule(pl.LightningDataModule):
 
         make = shuffled_loader if shuffle else ordered_loader
         return make(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                    pin_memory=self.hparams.pin_memory, collate_fn=identity_collate,
+                    pin_memory=pin_batches(self, self.hparams.pin_memory), collate_fn=identity_collate,
                     persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -53,7 +53,7 @@ class ToyDataModule(InMemoryDataModule):
 
     def __init__(self, task: str = "xor", input_dim: int = 3, num_classes: int = 2, noise: float = 0.1,
                  n_train: int = 800, n_val: int = 200, n_test: int = 200, seed: int = 0, batch_size: int = 32,
-                 num_workers: int = 0, pin_memory: bool = False):
+                 num_workers: int = 0, pin_memory: Optional[bool] = None):
         super().__init__()
         if task not in TASKS:
             raise UserError(f"data.task={task!r} is not known; choose one of {', '.join(TASKS)}.")

@@ -60,7 +60,10 @@ class ClassifierModule(pl.LightningModule):
         if channels_last:
             # NHWC: tensor cores without transposes on GPU; on CPU oneDNN's NHWC conv and max pool are faster.
             self.net = self.net.to(memory_format=torch.channels_last)
-        metric = BinaryAccuracy() if self.binary else MulticlassAccuracy(num_classes, average="micro")
+        # validate_args=False: the check calls torch.unique on every batch's targets, a host sync per step on a
+        # GPU; the data modules check label ranges when they load, and the loss rejects a label out of range.
+        metric = (BinaryAccuracy(validate_args=False) if self.binary
+                  else MulticlassAccuracy(num_classes, average="micro", validate_args=False))
         self.train_acc, self.val_acc, self.test_acc = metric.clone(), metric.clone(), metric.clone()
         self.val_acc_best = MaxMetric()
         for metric in (self.train_acc, self.val_acc, self.test_acc, self.val_acc_best):
