@@ -100,7 +100,8 @@ def mnist_like(folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
 @section("cuda tests")
 def cuda_tests(args) -> str:
     marker = "cuda" if args.device.startswith("cuda") else "not slow and cuda"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider",
+    # -n 0: one process collects the suite once (the suite's own -n 2 would start two workers that collect it too)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", marker, "-p", "no:cacheprovider",
                            str(ROOT / "tests")], capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
     tail = [line for line in proc.stdout.splitlines() if " passed" in line or " failed" in line or "deselected" in line]
     summary = tail[-1].strip("= ") if tail else proc.stdout[-200:]

@@ -65,11 +65,13 @@ def read_review(path: str, keep: str = "head", limit: int = MAX_REVIEW_BYTES) ->
     elif keep == "tail" and len(data) == limit:
         cut = True  # maybe: the read started inside the file
     try:
-        return clean_review(_decode_cut(data, keep) if cut else data.decode("utf-8"))
+        text = _decode_cut(data, keep) if cut else data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}). "
                         "aclImdb is UTF-8 throughout: extract the archive again, or convert the file "
                         "(iconv -f latin1 -t utf-8).") from None
+    # Line ends as text mode reads them (\r\n and \r become \n): a file saved on Windows gives the same tokens.
+    return clean_review(text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def _decode_cut(data: bytes, keep: str) -> str:
