@@ -34,11 +34,11 @@ from gradlab.run.precision import cpu_model
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 PEER, OURS = "pytorch/examples main.py", "gradlab mnist_fast"
-VAL_SIZE, SPLIT_SEED = 5000, 12345  # conf/data/mnist.yaml's defaults: the split both recipes see
+VAL_SIZE, SPLIT_SEED = 5000, 12345  # conf/data/mnist.yaml's defaults: the split both recipes see (--val-size)
 
 
 # ---- the peer: pytorch/examples mnist/main.py ---------------------------------------------------------------
-def peer(data: str, epochs: int, every: float, fraction: float, out: str) -> None:
+def peer(data: str, epochs: int, every: float, fraction: float, out: str, val_size: int = VAL_SIZE) -> None:
     import torch
     import torch.nn.functional as F
     import torch.optim as optim
@@ -53,9 +53,9 @@ def peer(data: str, epochs: int, every: float, fraction: float, out: str) -> Non
     dataset1 = datasets.FashionMNIST(data, train=True, download=False, transform=transform)
     # The held-out split of gradlab's data module (same generator, same seed), instead of the test set.
     perm = torch.randperm(len(dataset1), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    train_idx = perm[VAL_SIZE:][: int(fraction * (len(dataset1) - VAL_SIZE))].tolist()
+    train_idx = perm[val_size:][: int(fraction * (len(dataset1) - val_size))].tolist()
     train_set = torch.utils.data.Subset(dataset1, train_idx)
-    val_set = torch.utils.data.Subset(dataset1, perm[:VAL_SIZE].tolist())
+    val_set = torch.utils.data.Subset(dataset1, perm[:val_size].tolist())
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=64)  # no shuffle: main.py off accelerators
     test_loader = torch.utils.data.DataLoader(val_set, batch_size=1000)
     model = Net()
@@ -122,12 +122,13 @@ def prepared_root(data: str, tmp: str) -> str:
 
 def peer_cmd(root: str, args, out: str) -> list[str]:
     return [sys.executable, __file__, "--worker", "peer", "--data", root, "--peer-epochs", str(args.peer_epochs),
-            "--every", str(args.every), "--fraction", str(args.fraction), "--out", out]
+            "--every", str(args.every), "--fraction", str(args.fraction), "--val-size", str(args.val_size), "--out", out]
 
 
 def ours_cmd(root: str, args, precision: str, out: str, work: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "experiment=mnist_fast", "data=fashion_mnist",
             f"data.root={root}", "data.download=false", "test=false", f"paths.root_dir={work}",
+            f"data.val_size={args.val_size}",
             f"trainer.precision={precision}", f"trainer.val_check_interval={args.every}",
             f"trainer.limit_train_batches={args.fraction}", "callbacks.progress_bar=null",
             "callbacks.model_summary=null",
@@ -205,6 +206,8 @@ def main(argv=None) -> None:
     parser.add_argument("--target", type=float, default=None,
                         help="validation accuracy to reach, in [0, 1] (default: the peer's final accuracy)")
     parser.add_argument("--peer-epochs", type=int, default=14, help="the peer's epochs (default 14, main.py's)")
+    parser.add_argument("--val-size", type=int, default=VAL_SIZE,
+                        help="images held out of the training file, the same ones for both (default 5,000)")
     parser.add_argument("--every", type=float, default=0.25, help="evaluate every this fraction of an epoch")
     parser.add_argument("--fraction", type=float, default=1.0,
                         help="train on this fraction of the 55,000 (quick looks)")
@@ -227,7 +230,7 @@ def main(argv=None) -> None:
     if args.threads is None:
         args.threads = 0 if args.sequential else 1
     if args.worker:
-        return peer(args.data, args.peer_epochs, args.every, args.fraction, args.out)
+        return peer(args.data, args.peer_epochs, args.every, args.fraction, args.out, args.val_size)
     if args.replot:  # e.g. after stopping a long run: the curves written so far
         work = Path(args.workdir)
         curves = {PEER: [json.loads(line) for line in (work / "peer.jsonl").read_text().splitlines()]}

@@ -17,7 +17,7 @@ from helpers import ROOT, fake_digits, write_idx
 def test_the_benchmark_reports_the_seconds_its_curves_hold(tmp_path):
     raw = tmp_path / "data" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    images, labels = fake_digits(5600, seed=0)  # 5,000 held out (the benchmark's split) + 600 to train on
+    images, labels = fake_digits(1100, seed=0)  # 500 held out (--val-size) + 600 to train on
     for name, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
         write_idx(tmp_path / name, array)
         with open(tmp_path / name, "rb") as f_in, gzip.open(raw / f"{name}.gz", "wb") as f_out:
@@ -25,7 +25,7 @@ def test_the_benchmark_reports_the_seconds_its_curves_hold(tmp_path):
     work, plot = tmp_path / "work", tmp_path / "tta.png"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_time_to_accuracy.py"), "--data", str(tmp_path / "data"),
-         "--peer-epochs", "2", "--every", "0.5", "--precisions", "32-true", "--target", "0.5",
+         "--peer-epochs", "2", "--every", "0.5", "--val-size", "500", "--precisions", "32-true", "--target", "0.5",
          "--workdir", str(work), "--plot", str(plot), "trainer.max_epochs=2"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
