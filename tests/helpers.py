@@ -59,30 +59,43 @@ def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 240, n_test: i
 
 def run_cli(script: str, *args: str, cwd: Path, timeout: int = 240, env: dict | None = None, fresh: bool = False):
     """Run one of the repo's entry points (train.py, eval.py, ...) as a user would: its own process, its exit
-    code, its stdout and stderr.
+    code, its stdout and stderr (see `start_cli`)."""
+    proc = start_cli(script, *args, cwd=cwd, env=env, fresh=fresh)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def start_cli(script: str, *args: str, cwd: Path, env: dict | None = None, fresh: bool = False,
+              new_session: bool = False):
+    """Start an entry point in the background: a handle with Popen's pid, poll, wait, communicate, kill and
+    returncode; stdout and stderr are kept for communicate().
 
     The process is a fork of this test process, which has imported torch and Lightning already (~5 s of CPU a
-    start on 2 cores), unless `fresh` is true or `env` changes what Python reads at start-up (PYTHONPATH with a
-    sitecustomize, a thread count), or GRADLAB_TEST_FRESH=1 is set: then a new interpreter, as `python script.py`
-    in a shell."""
+    start on 2 cores), and then starts up as a new interpreter would: `env`, a `sitecustomize` of a folder that
+    `env`'s PYTHONPATH adds (tests/no_internet, tests/frozen_clock), default signals, warnings and logging. A new
+    interpreter (`python script.py`, as in a shell) when `fresh` is true, GRADLAB_TEST_FRESH=1 is set, or `env`
+    asks for another thread count."""
     extra = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     if fresh or os.environ.get("GRADLAB_TEST_FRESH") == "1" or not _forkable(extra):
-        return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, **extra}, preexec_fn=default_ctrl_c)
-    return _run_forked(ROOT / script, list(args), cwd, timeout, {**os.environ, **extra})
+        return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env={**os.environ, **extra},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=None if new_session else default_ctrl_c, start_new_session=new_session)
+    return ForkedCli(ROOT / script, list(args), cwd, {**os.environ, **extra}, new_session)
 
 
 def _forkable(extra: dict) -> bool:
-    """Whether a fork of this process starts `script` as a new interpreter with `extra` in its environment would."""
+    """Whether a fork of this process can start up as a new interpreter with `extra` in its environment would."""
     for key, value in extra.items():
-        if key == "PYTHONPATH":
-            folders = [f for f in value.split(os.pathsep) if f]
-            if any(f not in sys.path or (Path(f) / "sitecustomize.py").exists() for f in folders):
-                return False
-        elif key == "OMP_NUM_THREADS":
+        if key == "OMP_NUM_THREADS":
             if value != os.environ.get("OMP_NUM_THREADS") or int(value) != _torch_threads():
                 return False
-        elif key.startswith(("PYTHON", "OMP_", "MKL_", "CUDA_", "LD_", "MALLOC_")) and key != "PYTHONUNBUFFERED":
+        elif key.startswith(("PYTHON", "OMP_", "MKL_", "CUDA_", "LD_", "MALLOC_")) and key not in ("PYTHONPATH",
+                                                                                                     "PYTHONUNBUFFERED"):
             return False
     return True
 
@@ -97,31 +110,55 @@ def _torch_threads() -> int:
 _STARTUP_WARNING_FILTERS = list(__import__("warnings").filters)
 
 
-def _run_forked(script: Path, args: list[str], cwd: Path, timeout: float, env: dict) -> subprocess.CompletedProcess:
-    import tempfile
-    import time
+class ForkedCli:
+    """An entry point in a forked child (see `start_cli`): the parts of subprocess.Popen the tests use."""
 
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    pid = os.fork()
-    if pid == 0:  # the child: become `python script args` and never return into pytest
-        os._exit(_forked_main(script, args, cwd, env, out.fileno(), err.fileno()))
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise subprocess.TimeoutExpired([str(script), *args], timeout)
-        time.sleep(0.02)
-    code = os.waitstatus_to_exitcode(status)  # -N for a signal, as subprocess reports it
-    texts = []
-    for f in (out, err):
-        f.seek(0)
-        texts.append(f.read().decode("utf-8", errors="replace"))
-        f.close()
-    return subprocess.CompletedProcess([sys.executable, str(script), *args], code, *texts)
+    def __init__(self, script: Path, args: list[str], cwd: Path, env: dict, new_session: bool):
+        import tempfile
+
+        self.args = [sys.executable, str(script), *args]
+        self.returncode = None
+        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: become `python script args` and never return into pytest
+            if new_session:
+                os.setsid()
+            os._exit(_forked_main(script, args, cwd, env, self._out.fileno(), self._err.fileno()))
+
+    def poll(self):
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)  # -N for a signal, as subprocess reports it
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        texts = []
+        for f in (self._out, self._err):
+            f.seek(0)
+            texts.append(f.read().decode("utf-8", errors="replace"))
+        return texts[0], texts[1]
+
+    def send_signal(self, number: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, number)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
 
 
 def _forked_main(script: Path, args: list[str], cwd: Path, env: dict, out_fd: int, err_fd: int) -> int:
@@ -172,6 +209,11 @@ def _forked_main(script: Path, args: list[str], cwd: Path, env: dict, out_fd: in
         GlobalHydra.instance().clear()
         os.environ.clear()
         os.environ.update(env)
+        for folder in [f for f in env.get("PYTHONPATH", "").split(os.pathsep) if f]:
+            if folder not in sys.path:
+                sys.path.append(folder)
+                if (Path(folder) / "sitecustomize.py").exists():  # what `site` runs at start-up
+                    runpy.run_path(str(Path(folder) / "sitecustomize.py"), run_name="sitecustomize")
         os.chdir(cwd)
         sys.argv = [str(script), *args]
         sys.path.insert(0, str(script.parent))

@@ -47,7 +47,7 @@ def assert_each_line_once(proc, train_log: str) -> None:
 def readme_run(tmp_path_factory):
     """`python train.py` in an empty folder, offline, output to a pipe (as in CI): (process, run dir)."""
     cwd = tmp_path_factory.mktemp("fresh_clone")
-    proc = run_cli("train.py", cwd=cwd, env=NO_INTERNET, timeout=900)
+    proc = run_cli("train.py", cwd=cwd, env=NO_INTERNET, timeout=900, fresh=True)  # a new interpreter, as typed
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc, only_run_dir(cwd)
 

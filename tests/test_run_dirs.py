@@ -7,7 +7,6 @@ every one of them asks for the same name: only the exclusive mkdir in gradlab.ch
 import json
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import ONE_THREAD
-from helpers import ROOT, run_cli
+from helpers import run_cli, start_cli
 
 TESTS = Path(__file__).resolve().parent
 STAMP = "2026-12-01_10-00-00"
@@ -26,13 +25,12 @@ TOY = ["experiment=toy_xor", "trainer.max_epochs=1", "trainer.limit_train_batche
 
 
 def frozen_env() -> dict:
-    path = os.pathsep.join([str(TESTS / "frozen_clock"), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, **ONE_THREAD, "PYTHONPATH": path, "GRADLAB_FROZEN_STAMP": STAMP, "PYTHONUNBUFFERED": "1"}
+    return {**ONE_THREAD, "PYTHONPATH": os.pathsep.join([str(TESTS / "frozen_clock"), os.environ.get("PYTHONPATH", "")]),
+            "GRADLAB_FROZEN_STAMP": STAMP}
 
 
 def start_all(commands: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=frozen_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in commands]
+    procs = [start_cli("train.py", *args, cwd=cwd, env=frozen_env()) for args in commands]
     out = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=300)

@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import helpers
 from helpers import ROOT, run_cli
 
 # A CPU node: no GPUs, one core and 1 GB per task (the launcher's defaults ask for a GPU node of 64 GB).
@@ -56,11 +56,9 @@ def training_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in NOT_TRAINING and not k.endswith("_per_sec")}
 
 
-def start_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    """train.py in the background, as run_cli runs it (same Python, environment and PYTHONPATH)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def start_cli(*args: str, cwd: Path, env: dict | None = None):
+    """train.py in the background, as run_cli runs it (helpers.start_cli)."""
+    return helpers.start_cli("train.py", *args, cwd=cwd, env=env)
 
 
 def finish(proc: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:

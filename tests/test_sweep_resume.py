@@ -7,8 +7,6 @@ import os
 import resource
 import shlex
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import ROOT, load_script, run_cli, tiny_mnist_args
+from helpers import load_script, run_cli, start_cli, tiny_mnist_args
 
 sweep_report = load_script("sweep_report")
 
@@ -35,16 +33,14 @@ def start_and_kill(args: list[str], cwd: Path, job: str, step: int) -> None:
     """Starts `train.py args` in a process group of its own; once job folder `job` holds at optimizer step `step`,
     SIGKILLs the whole group (the sweep process and any child), as a power cut or `scancel` would."""
     marker = cwd / "held"
-    with open(cwd / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, stdout=log, stderr=log,
-                                start_new_session=True,
-                                env={**os.environ, **ENV, "GRADLAB_TEST_HOLD": f"{job}:{step}:{marker}"})
-        deadline = time.monotonic() + 300
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert marker.exists(), (cwd / "killed.log").read_text()[-3000:]
+    proc = start_cli("train.py", *args, cwd=cwd, env={**ENV, "GRADLAB_TEST_HOLD": f"{job}:{step}:{marker}"},
+                     new_session=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate()
+    assert marker.exists(), (stdout + stderr)[-3000:]
     assert proc.returncode == -signal.SIGKILL
 
 
